@@ -1,0 +1,250 @@
+"""The ingest pipeline: the one function every door (C-STORE, import, STOW-RS, gateway) calls.
+
+Order of work, so that a crash at any point loses nothing that was acknowledged and
+leaves no index row without bytes:
+
+1. parse and validate (:mod:`cloudfilm.archive.parsing`); refusals are audited;
+2. an identical object already indexed → done, nothing written;
+3. write the blob under a fresh key (temporary file → fsync → rename → fsync directory);
+4. in one transaction: index rows, counters, audit event; commit;
+5. only then answer the sender. A crash between 3 and 4 leaves an orphan blob that
+   :func:`sweep_orphans` removes; never a row without bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+
+from cloudfilm.archive import service
+from cloudfilm.archive.models import Instance
+from cloudfilm.archive.parsing import IngestLimits, ParsedInstance, parse_instance
+from cloudfilm.audit import service as audit
+from cloudfilm.audit.enums import AuditAction, AuditEventType, AuditOutcome
+from cloudfilm.audit.service import Actor
+from cloudfilm.config import Settings
+from cloudfilm.db import Database
+from cloudfilm.errors import InvalidDicom, StorageUnavailable
+from cloudfilm.storage import StorageBackend, new_key, open_backend
+
+logger = logging.getLogger(__name__)
+
+_RETRIES = 5
+
+
+class IngestStatus(StrEnum):
+    STORED = "stored"
+    REPLACED = "replaced"
+    DUPLICATE = "duplicate"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    status: IngestStatus
+    sop_instance_uid: str | None = None
+    study_instance_uid: str | None = None
+    reason: str | None = None
+    """Why the object was rejected, or a note about a duplicate."""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not IngestStatus.REJECTED
+
+
+_OUTCOMES: dict[service.StoreOutcome, tuple[IngestStatus, str | None]] = {
+    service.StoreOutcome.STORED: (IngestStatus.STORED, None),
+    service.StoreOutcome.REPLACED: (IngestStatus.REPLACED, None),
+    service.StoreOutcome.DUPLICATE: (IngestStatus.DUPLICATE, "identical object already stored"),
+    service.StoreOutcome.DUPLICATE_KEPT_FIRST: (
+        IngestStatus.DUPLICATE,
+        "a different object with this SOP Instance UID is already stored; kept that one",
+    ),
+}
+
+
+class Archive:
+    """The archive of one process: index database, storage and the ingest pipeline."""
+
+    def __init__(self, settings: Settings, db: Database | None = None,
+                 storage: StorageBackend | None = None) -> None:
+        self.settings = settings
+        self.db = db or Database(settings)
+        self.storage = storage or open_backend(settings.storage_url, fsync=settings.storage.fsync)
+        self.storage_name = "primary"
+        self.limits = IngestLimits(
+            max_object_bytes=settings.ingest.max_object_bytes,
+            max_frame_pixels=settings.ingest.max_frame_pixels,
+        )
+
+    def close(self) -> None:
+        self.db.dispose()
+
+    def ingest(
+        self,
+        data: bytes,
+        *,
+        actor: Actor,
+        transfer_syntax_uid: str | None = None,
+    ) -> IngestResult:
+        """Validate, store and index one object. Never raises for bad input.
+
+        Raises
+        ------
+        StorageUnavailable
+            When the bytes cannot be written or the index cannot be reached; the sender
+            should try again later (C-STORE 0xA700, HTTP 503/507).
+        """
+        source_aet = actor.id if actor.type.value == "dicom-ae" else None
+        try:
+            parsed = parse_instance(
+                data, self.limits, transfer_syntax_uid=transfer_syntax_uid, source_aet=source_aet
+            )
+        except InvalidDicom as exc:
+            self._record_rejection(actor, str(exc), data)
+            return IngestResult(IngestStatus.REJECTED, reason=str(exc))
+
+        algorithm = self.settings.storage.checksum.value
+        digest = service.checksum(parsed.blob, algorithm)
+        known = self._known_checksum(parsed.sop_instance_uid)
+        if known == digest:
+            self._record_duplicate(parsed, actor)
+            return self._result(IngestStatus.DUPLICATE, parsed, _OUTCOMES[
+                service.StoreOutcome.DUPLICATE][1])
+
+        record = service.describe(parsed)
+        key = new_key()
+        self.storage.put(key, parsed.blob)
+        stored = service.StoredObject(key, self.storage_name, len(parsed.blob), digest)
+        try:
+            result = self._index(record, stored, actor)
+        except BaseException:
+            self.storage.delete(key)
+            raise
+        if result.outcome in (service.StoreOutcome.DUPLICATE,
+                              service.StoreOutcome.DUPLICATE_KEPT_FIRST):
+            self.storage.delete(key)
+        if result.replaced_key:
+            self.storage.delete(result.replaced_key)
+        status, reason = _OUTCOMES[result.outcome]
+        return self._result(status, parsed, reason)
+
+    @staticmethod
+    def _result(status: IngestStatus, parsed: ParsedInstance, reason: str | None = None
+                ) -> IngestResult:
+        return IngestResult(status, parsed.sop_instance_uid, parsed.study_instance_uid, reason,
+                            parsed.notes)
+
+    def _known_checksum(self, sop_instance_uid: str) -> str | None:
+        with self.db.read_session() as session:
+            return session.scalar(
+                select(Instance.checksum).where(Instance.sop_instance_uid == sop_instance_uid)
+            )
+
+    def _index(self, record: service.IndexRecord, stored: service.StoredObject, actor: Actor
+               ) -> service.StoreResult:
+        """Run :func:`service.store_instance` in its own transaction, retrying races."""
+        delay = 0.01
+        for attempt in range(1, _RETRIES + 1):
+            try:
+                with self.db.session() as session:
+                    return service.store_instance(
+                        session=session,
+                        record=record,
+                        stored=stored,
+                        actor=actor,
+                        policy=self.settings.ingest.duplicate_policy,
+                    )
+            except (IntegrityError, OperationalError) as exc:
+                # A concurrent ingest created the same row first, a deadlock was broken,
+                # or the database is briefly unavailable: the retry sees the new state.
+                if attempt == _RETRIES:
+                    raise StorageUnavailable(
+                        f"the index could not record {record.sop_instance_uid}: {exc.orig}"
+                    ) from exc
+                time.sleep(delay)
+                delay *= 4
+            except DBAPIError as exc:
+                raise StorageUnavailable(f"the index database failed: {exc.orig}") from exc
+        raise AssertionError("unreachable")
+
+    def _record_duplicate(self, parsed: ParsedInstance, actor: Actor) -> None:
+        self._audit(
+            actor,
+            event_type=AuditEventType.INSTANCE_DUPLICATE,
+            outcome=AuditOutcome.SUCCESS,
+            object_id=parsed.sop_instance_uid,
+            study_instance_uid=parsed.study_instance_uid,
+            message=_OUTCOMES[service.StoreOutcome.DUPLICATE][1],
+        )
+
+    def _record_rejection(self, actor: Actor, reason: str, data: bytes) -> None:
+        self._audit(
+            actor,
+            event_type=AuditEventType.INSTANCE_REJECTED,
+            outcome=AuditOutcome.SERIOUS_FAILURE,
+            message=reason,
+            detail={"bytes": len(data)},
+        )
+
+    def _audit(self, actor: Actor, **fields: Any) -> None:
+        """An audit event in a transaction of its own (nothing else changes)."""
+        try:
+            with self.db.session() as session:
+                audit.record(
+                    session=session,
+                    actor=actor,
+                    action=AuditAction.CREATE,
+                    object_type="instance",
+                    **fields,
+                )
+        except DBAPIError as exc:
+            raise StorageUnavailable(f"the index database failed: {exc.orig}") from exc
+
+    def sweep(self, *, orphan_age: timedelta = timedelta(hours=1)) -> tuple[int, int]:
+        """Remove abandoned temporary files and orphan blobs; return (temporary, orphans)."""
+        temporary = self.storage.sweep_temporary(self.settings.storage.temp_max_age_seconds)
+        return temporary, sweep_orphans(self, older_than=orphan_age)
+
+
+def sweep_orphans(archive: Archive, *, older_than: timedelta) -> int:
+    """Delete blobs that no index row points to and that are older than ``older_than``.
+
+    Such blobs are what a crash between the storage write and the index commit leaves.
+    The age guard keeps blobs of ingests that are in flight right now.
+    """
+    cutoff = datetime.now(UTC) - older_than
+    removed = 0
+    batch: list[str] = []
+
+    def flush() -> int:
+        with archive.db.read_session() as session:
+            known = set(
+                session.scalars(select(Instance.storage_key).where(Instance.storage_key.in_(batch)))
+            )
+        count = 0
+        for key in batch:
+            if key not in known:
+                archive.storage.delete(key)
+                count += 1
+        batch.clear()
+        return count
+
+    for info in archive.storage.iter_objects():
+        if info.modified < cutoff:
+            batch.append(info.key)
+            if len(batch) >= 500:
+                removed += flush()
+    if batch:
+        removed += flush()
+    if removed:
+        logger.warning("removed %d orphan storage objects older than %s", removed, older_than)
+    return removed

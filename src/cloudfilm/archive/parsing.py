@@ -1,0 +1,325 @@
+"""Read, validate and normalise one incoming DICOM object.
+
+Every door hands raw bytes to :func:`parse_instance`. It returns the object as we store
+it (our own File Meta Information + the sender's data set, byte for byte) or raises
+:class:`~cloudfilm.errors.InvalidDicom` with a reason a person can act on.
+
+What is checked
+---------------
+* The bytes are a DICOM data set: Part-10 (preamble, ``DICM``, file meta) or a bare data
+  set whose encoding can be recognised (PS3.10 7.1; older modalities write those).
+* SOP Class, SOP Instance, Study and Series Instance UIDs are present and well formed
+  (PS3.5 9.1: digits and dots, at most 64 characters). A UID is never used as a path.
+* Specific Character Set names only character sets we can decode (PS3.5 6.1.2.5.3).
+* No element is cut short (a declared length longer than the bytes that follow).
+* Pixel Data agrees with Rows × Columns × Number of Frames × Samples per Pixel × Bits
+  Allocated (native), or is a well-formed sequence of fragments (encapsulated, PS3.5 A.4).
+* Image dimensions are within the configured limits.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom import config as pydicom_config
+from pydicom import dcmread
+from pydicom.charset import python_encoding
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import parse_fragments
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filewriter import write_file_meta_info
+from pydicom.tag import Tag
+from pydicom.uid import (
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+
+from cloudfilm import __version__
+from cloudfilm.errors import InvalidDicom
+
+#: Our implementation class UID (PS3.7 D.3.3.2), under the pydicom-style UUID-derived root.
+IMPLEMENTATION_CLASS_UID = "2.25.268740389640148541125049063549963806497"
+IMPLEMENTATION_VERSION_NAME = f"CLOUDFILM_{__version__}"[:16]
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_UNDEFINED = 0xFFFFFFFF
+_PIXEL_DATA = Tag(0x7FE0, 0x0010)
+
+# Our ingest never relies on pydicom's warnings: everything it must refuse is checked
+# explicitly below, and the rest (odd but readable values) is kept as sent.
+pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+
+
+@dataclass(frozen=True, slots=True)
+class IngestLimits:
+    max_object_bytes: int
+    max_frame_pixels: int
+    max_frames: int = 100_000
+
+
+@dataclass(slots=True)
+class ParsedInstance:
+    """A validated object, ready to store."""
+
+    blob: bytes
+    """What we store: preamble + our File Meta Information + the data set as received."""
+    dataset_offset: int
+    """Where the data set starts in :attr:`blob`."""
+    ds: Dataset
+    transfer_syntax_uid: str
+    notes: list[str] = field(default_factory=list)
+    """Things that were odd but acceptable (kept for the audit record)."""
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return str(self.ds.SOPInstanceUID)
+
+    @property
+    def study_instance_uid(self) -> str:
+        return str(self.ds.StudyInstanceUID)
+
+
+def is_valid_uid(value: object) -> bool:
+    """PS3.5 9.1: digits and dots, no empty component, at most 64 characters."""
+    return isinstance(value, str) and len(value) <= 64 and bool(_UID.fullmatch(value))
+
+
+def parse_instance(
+    data: bytes,
+    limits: IngestLimits,
+    *,
+    transfer_syntax_uid: str | None = None,
+    source_aet: str | None = None,
+) -> ParsedInstance:
+    """Validate ``data`` and return it in the form we store.
+
+    Parameters
+    ----------
+    data
+        A Part-10 file, or a bare data set (then ``transfer_syntax_uid`` says how it is
+        encoded; for files without meta it is recognised from the first element).
+    limits
+        Size limits from the ingest settings.
+    transfer_syntax_uid
+        The transfer syntax the data set was received in (a DIMSE presentation context).
+    source_aet
+        Calling AE title, recorded in the file meta (0002,0016).
+    """
+    if len(data) > limits.max_object_bytes:
+        raise InvalidDicom(
+            f"object of {len(data)} bytes exceeds the limit of {limits.max_object_bytes} bytes "
+            "(setting ingest.max_object_bytes)"
+        )
+    if len(data) == 0:
+        raise InvalidDicom("empty file: 0 bytes")
+    notes: list[str] = []
+    dataset_bytes, ts = _split_dataset(data, transfer_syntax_uid, notes)
+    ds = _read_dataset(dataset_bytes, ts)
+    _check_identity(ds)
+    _check_character_set(ds)
+    _check_complete(ds)
+    _check_pixels(ds, UID(ts), limits)
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ts
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    if source_aet:
+        meta.SourceApplicationEntityTitle = source_aet.strip()[:16]
+    head = io.BytesIO()
+    head.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(head, meta, enforce_standard=True)
+    offset = head.tell()
+    blob = head.getvalue() + dataset_bytes
+    ds.file_meta = meta
+    return ParsedInstance(blob=blob, dataset_offset=offset, ds=ds, transfer_syntax_uid=ts,
+                          notes=notes)
+
+
+def _split_dataset(
+    data: bytes, transfer_syntax_uid: str | None, notes: list[str]
+) -> tuple[bytes, str]:
+    """Return (data set bytes, transfer syntax UID)."""
+    if transfer_syntax_uid is not None:
+        return data, transfer_syntax_uid
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        fp = io.BytesIO(data)
+        try:
+            read_preamble(fp, False)
+            meta = _read_file_meta_info(fp)
+        except (InvalidDicomError, OSError, ValueError, KeyError, EOFError) as exc:
+            raise InvalidDicom(f"the File Meta Information cannot be read: {exc}") from exc
+        offset = fp.tell()
+        if offset >= len(data):
+            raise InvalidDicom(
+                f"file ends after the File Meta Information ({len(data)} bytes): "
+                "truncated, no data set"
+            )
+        ts = meta.get("TransferSyntaxUID")
+        if ts and is_valid_uid(str(ts)):
+            return data[offset:], str(ts)
+        notes.append("file meta had no valid Transfer Syntax UID; encoding recognised")
+        return data[offset:], _guess_encoding(data[offset:])
+    if len(data) >= 132 and data[:128] == b"\x00" * 128:
+        raise InvalidDicom(
+            "128-byte preamble without the 'DICM' prefix: not a DICOM file, or damaged"
+        )
+    notes.append("no File Meta Information (bare data set); encoding recognised")
+    return data, _guess_encoding(data)
+
+
+def _guess_encoding(dataset_bytes: bytes) -> str:
+    """Recognise the encoding of a bare data set from its first element (PS3.5 7.1)."""
+    if len(dataset_bytes) < 8:
+        raise InvalidDicom(f"not DICOM: only {len(dataset_bytes)} bytes")
+    group_le = int.from_bytes(dataset_bytes[0:2], "little")
+    group_be = int.from_bytes(dataset_bytes[0:2], "big")
+    vr = dataset_bytes[4:6]
+    explicit = vr.isalpha() and vr.isupper()
+    if group_le in (0x0008, 0x0002) or (group_le < 0x0100 and group_le % 2 == 0 and group_le):
+        return ExplicitVRLittleEndian if explicit else ImplicitVRLittleEndian
+    if group_be in (0x0008, 0x0002) and explicit:
+        return ExplicitVRBigEndian
+    raise InvalidDicom(
+        "not DICOM: no preamble and 'DICM' prefix, and the first bytes are not a data element"
+    )
+
+
+def _read_dataset(dataset_bytes: bytes, ts: str) -> Dataset:
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ts
+    head = io.BytesIO()
+    head.write(b"\x00" * 128 + b"DICM")
+    try:
+        write_file_meta_info(head, meta, enforce_standard=False)
+    except (ValueError, AttributeError) as exc:
+        raise InvalidDicom(f"unusable Transfer Syntax UID {ts!r}") from exc
+    uid = UID(ts)
+    if not uid.is_transfer_syntax:
+        raise InvalidDicom(
+            f"unknown transfer syntax {ts}: we cannot read this encoding; ask the sender "
+            "to use Explicit VR Little Endian"
+        )
+    try:
+        ds = dcmread(io.BytesIO(head.getvalue() + dataset_bytes))
+    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError,
+            NotImplementedError, OverflowError, MemoryError) as exc:
+        raise InvalidDicom(f"the data set cannot be read: {exc}") from exc
+    if len(ds) == 0:
+        raise InvalidDicom(
+            f"no data element could be read from {len(dataset_bytes)} bytes: the file is "
+            "truncated (e.g. ends inside the pixel data) or is not DICOM"
+        )
+    return ds
+
+
+def _check_identity(ds: Dataset) -> None:
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        try:
+            value = ds.get(keyword)
+        except Exception as exc:  # noqa: BLE001 - a value pydicom cannot convert is invalid
+            raise InvalidDicom(f"{keyword} cannot be read: {exc}") from exc
+        if value is None or str(value).strip() == "":
+            raise InvalidDicom(f"{keyword} is missing: every stored object needs it")
+        text = str(value)
+        if not is_valid_uid(text):
+            shown = text[:80].encode("unicode_escape").decode("ascii")
+            raise InvalidDicom(
+                f"{keyword} {shown!r} is not a valid UID (digits and dots, at most 64 "
+                "characters, PS3.5 9.1)"
+            )
+
+
+def _check_character_set(ds: Dataset) -> None:
+    raw = ds.get("SpecificCharacterSet")
+    if raw is None:
+        return
+    terms = [raw] if isinstance(raw, str) else list(raw)
+    for term in terms:
+        name = str(term).strip()
+        if name and name not in python_encoding:
+            raise InvalidDicom(
+                f"unknown Specific Character Set {name[:64]!r}: names from PS3.3 C.12.1.1.2 "
+                "only (GB18030, GBK, ISO_IR 192, ISO 2022 IR 58, ...)"
+            )
+
+
+def _check_complete(ds: Dataset) -> None:
+    """Refuse elements whose declared length runs past the end of the data."""
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag)
+        if not isinstance(raw, RawDataElement) or raw.value is None:
+            continue
+        if raw.length != _UNDEFINED and len(raw.value) != raw.length:
+            raise InvalidDicom(
+                f"element {tag} declares {raw.length} bytes but only {len(raw.value)} follow: "
+                "the file is truncated or damaged"
+            )
+
+
+def _int(ds: Dataset, keyword: str, default: int | None = None) -> int | None:
+    try:
+        value: Any = ds.get(keyword)
+    except Exception:  # noqa: BLE001
+        return default
+    if value is None or value == "":
+        return default
+    if not isinstance(value, int | float | str):
+        try:
+            value = value[0]
+        except (TypeError, IndexError):
+            return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _check_pixels(ds: Dataset, ts: UID, limits: IngestLimits) -> None:
+    rows = _int(ds, "Rows")
+    columns = _int(ds, "Columns")
+    if rows is not None and columns is not None and rows * columns > limits.max_frame_pixels:
+        raise InvalidDicom(
+            f"absurd image size {rows} × {columns}: more than {limits.max_frame_pixels} "
+            "pixels per frame (setting ingest.max_frame_pixels)"
+        )
+    if _PIXEL_DATA not in ds:
+        return
+    element = ds.get_item(_PIXEL_DATA)
+    value = element.value if element is not None else None
+    if not value:
+        return
+    if not rows or not columns:
+        raise InvalidDicom("Pixel Data without Rows and Columns")
+    frames = _int(ds, "NumberOfFrames", 1) or 1
+    if frames < 1 or frames > limits.max_frames:
+        raise InvalidDicom(f"Number of Frames {frames} is out of range (1 to {limits.max_frames})")
+    if ts.is_encapsulated:
+        try:
+            fragments, _ = parse_fragments(value)
+        except (ValueError, TypeError) as exc:
+            raise InvalidDicom(f"encapsulated Pixel Data is malformed: {exc}") from exc
+        if fragments < 1:
+            raise InvalidDicom("encapsulated Pixel Data holds no fragment")
+        return
+    samples = _int(ds, "SamplesPerPixel", 1) or 1
+    bits = _int(ds, "BitsAllocated")
+    if bits is None or bits not in (1, 8, 16, 32, 64):
+        raise InvalidDicom(f"Bits Allocated {bits!r} is not 1, 8, 16, 32 or 64")
+    expected_bits = rows * columns * frames * samples * bits
+    expected = (expected_bits + 7) // 8
+    actual = len(value)
+    if actual < expected or actual > expected + 1 + (expected % 2):
+        raise InvalidDicom(
+            f"Pixel Data has {actual} bytes but Rows × Columns × Frames × Samples × Bits "
+            f"Allocated = {rows} × {columns} × {frames} × {samples} × {bits} needs {expected}"
+        )

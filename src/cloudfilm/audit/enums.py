@@ -1,0 +1,41 @@
+"""Audit vocabulary, after IHE ATNA / DICOM PS3.15 A.5 and FHIR AuditEvent."""
+
+from enum import IntEnum, StrEnum
+
+
+class AuditAction(StrEnum):
+    """EventActionCode (PS3.15 A.5.1): Create, Read, Update, Delete, Execute."""
+
+    CREATE = "C"
+    READ = "R"
+    UPDATE = "U"
+    DELETE = "D"
+    EXECUTE = "E"
+
+
+class AuditOutcome(IntEnum):
+    """EventOutcomeIndicator (PS3.15 A.5.1)."""
+
+    SUCCESS = 0
+    MINOR_FAILURE = 4
+    SERIOUS_FAILURE = 8
+    MAJOR_FAILURE = 12
+
+
+class ActorType(StrEnum):
+    USER = "user"
+    AE = "dicom-ae"
+    SYSTEM = "system"
+    CLI = "cli"
+
+
+class AuditEventType(StrEnum):
+    """What happened, in our own words (mapped to DCM codes when exported)."""
+
+    INSTANCE_STORED = "instance-stored"
+    INSTANCE_REPLACED = "instance-replaced"
+    INSTANCE_DUPLICATE = "instance-duplicate"
+    INSTANCE_REJECTED = "instance-rejected"
+    ASSOCIATION_REJECTED = "association-rejected"
+    APPLICATION_START = "application-start"
+    APPLICATION_STOP = "application-stop"

@@ -1,0 +1,329 @@
+"""The ``cloudfilm`` command: serve, import, demo, migrate, storage upkeep."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from datetime import timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cloudfilm import __version__
+from cloudfilm.config import Environment, Settings
+
+app = typer.Typer(
+    help="云胶片 Cloud Film: archive, share and view a hospital's imaging exams.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+storage_app = typer.Typer(help="Storage upkeep.", no_args_is_help=True)
+app.add_typer(storage_app, name="storage")
+console = Console(stderr=True)
+
+DataDir = typer.Option(None, "--data-dir", help="Folder for cloudfilm.db and storage/ "
+                       "(env CLOUDFILM_DATA_DIR; default ./var).")
+
+
+class Role(StrEnum):
+    ALL = "all"
+    API = "api"
+    DIMSE = "dimse"
+
+
+def _settings(data_dir: Path | None = None, **overrides: Any) -> Settings:
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir
+    try:
+        return Settings(**overrides)
+    except ValueError as exc:
+        console.print(f"[red]配置错误 · configuration error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def _open_archive(settings: Settings, *, migrate: bool) -> Any:
+    from cloudfilm import migrations
+    from cloudfilm.archive.ingest import Archive
+    from cloudfilm.db import Database
+
+    db = Database(settings)
+    if migrate or db.is_sqlite:
+        migrations.upgrade(db.engine)
+    else:
+        _require_current_schema(db)
+    return Archive(settings, db=db)
+
+
+def _require_current_schema(db: Any) -> None:
+    from alembic.script import ScriptDirectory
+
+    from cloudfilm import migrations
+
+    head = ScriptDirectory.from_config(migrations.alembic_config()).get_current_head()
+    current = migrations.current(db.engine)
+    if current != head:
+        console.print(
+            f"[red]the database schema is at {current or 'nothing'}, the program needs {head}: "
+            "run `cloudfilm migrate` with the schema owner's credentials first[/red]"
+        )
+        raise typer.Exit(2)
+
+
+def _configure_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+@app.command()
+def serve(
+    demo: bool = typer.Option(False, "--demo", help="Load demo data and accept local DICOM "
+                              "senders of any AE title (not in production)."),
+    data_dir: Path | None = DataDir,
+    host: str | None = typer.Option(None, help="HTTP address (env CLOUDFILM_HTTP__HOST)."),
+    http_port: int | None = typer.Option(None, help="HTTP port (env CLOUDFILM_HTTP__PORT)."),
+    dicom_port: int | None = typer.Option(None, help="DICOM port (env CLOUDFILM_DIMSE__PORT)."),
+    role: Role = typer.Option(Role.ALL, help="Which services this process runs."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run the archive: HTTP, DICOM listener, and (with --demo) demo data."""
+    _configure_logging(verbose)
+    overrides: dict[str, Any] = {}
+    if host or http_port:
+        overrides["http"] = {k: v for k, v in (("host", host), ("port", http_port)) if v}
+    dimse: dict[str, Any] = {}
+    if dicom_port is not None:
+        dimse["port"] = dicom_port
+    if demo:
+        dimse["accept_unknown_callers"] = True
+    if dimse:
+        overrides["dimse"] = dimse
+    settings = _settings(data_dir, **overrides)
+    if demo and settings.environment is Environment.PRODUCTION:
+        console.print("[red]--demo is refused in production[/red]")
+        raise typer.Exit(2)
+
+    from cloudfilm.archive import stats
+    from cloudfilm.dimse.server import DIMSEServer
+
+    archive = _open_archive(settings, migrate=False)
+    swept = archive.storage.sweep_temporary(settings.storage.temp_max_age_seconds)
+    if swept:
+        console.print(f"swept {swept} abandoned temporary upload file(s)")
+    if demo:
+        with archive.db.read_session() as session:
+            empty = stats.counts(session=session).instances == 0
+        if empty:
+            _load_demo(archive)
+
+    dimse_server = None
+    if role in (Role.ALL, Role.DIMSE):
+        dimse_server = DIMSEServer(archive, settings.dimse)
+        dimse_server.start()
+    url = f"http://{settings.http.host}:{settings.http.port}/"
+    _banner(settings, url, role)
+    try:
+        if role in (Role.ALL, Role.API):
+            import uvicorn
+
+            from cloudfilm.app import create_app
+
+            uvicorn.run(create_app(archive), host=settings.http.host, port=settings.http.port,
+                        log_level="warning", access_log=False, timeout_graceful_shutdown=20)
+        else:
+            stop = threading.Event()
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            signal.signal(signal.SIGINT, lambda *_: stop.set())
+            stop.wait()
+    finally:
+        if dimse_server is not None:
+            dimse_server.stop()
+        archive.close()
+
+
+def _banner(settings: Settings, url: str, role: Role) -> None:
+    lines = [f"[bold]云胶片 Cloud Film {__version__}[/bold] ({settings.environment.value})"]
+    if role in (Role.ALL, Role.API):
+        lines.append(f"  网页 Web:        {url}")
+        lines.append(f"  接口 API docs:   {url}api/docs")
+    if role in (Role.ALL, Role.DIMSE):
+        lines.append(f"  DICOM:           AE {settings.dimse.ae_title} "
+                     f"{settings.dimse.host}:{settings.dimse.port}")
+    lines.append(f"  数据 Data:       {settings.database_url.split('?')[0]}")
+    lines.append("  停止 Stop:       Ctrl+C")
+    console.print("\n".join(lines))
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+def _load_demo(archive: Any) -> None:
+    from cloudfilm.archive.demo import load_demo, sample_data_dir
+
+    source = sample_data_dir() or "tests/data (shared sample data not found)"
+    console.print(f"loading demo studies from {source} ...")
+    start = time.perf_counter()
+    results = load_demo(archive)
+    stored = sum(1 for r in results if r.ok)
+    console.print(f"demo: {stored} objects for 6 patients in {time.perf_counter() - start:.1f} s")
+
+
+@app.command("import")
+def import_(
+    paths: list[Path] = typer.Argument(..., help="Files, folders, DICOMDIRs or ZIP archives."),
+    data_dir: Path | None = DataDir,
+    processes: int = typer.Option(2, help="Worker processes (1 = in this process)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Import DICOM files into the archive and print what happened to each."""
+    from cloudfilm.archive.importer import import_paths
+    from cloudfilm.audit.service import Actor
+
+    settings = _settings(data_dir)
+    archive = _open_archive(settings, migrate=False)
+    start = time.perf_counter()
+    progress = _progress()
+    task = progress.add_task("导入 importing", total=None)
+    try:
+        with progress if not quiet else _NullContext():
+            summary = import_paths(
+                archive,
+                paths,
+                actor=Actor.cli("cloudfilm import"),
+                processes=processes,
+                on_result=lambda *_: progress.advance(task),
+            )
+    finally:
+        archive.close()
+    elapsed = time.perf_counter() - start
+    table = Table(title="导入结果 Import summary", show_header=False)
+    table.add_row("已导入 imported", str(summary.imported))
+    if summary.replaced:
+        table.add_row("已替换 replaced", str(summary.replaced))
+    table.add_row("重复 duplicates", str(summary.duplicates))
+    table.add_row("拒收 rejected", str(len(summary.rejected)))
+    table.add_row("跳过 skipped", str(len(summary.skipped)))
+    table.add_row("检查 studies", str(len(summary.studies)))
+    rate = summary.total / elapsed if elapsed else 0.0
+    table.add_row("用时 time", f"{elapsed:.1f} s ({rate:.0f} objects/s, "
+                  f"{summary.bytes_read / 1e6 / max(elapsed, 1e-9):.0f} MB/s)")
+    out = Console()
+    out.print(table)
+    for label, reason in summary.rejected:
+        out.print(f"[red]拒收 rejected[/red] {label}: {reason}", highlight=False)
+    for label, reason in summary.skipped:
+        out.print(f"[yellow]跳过 skipped[/yellow] {label}: {reason}", highlight=False)
+    if summary.rejected:
+        raise typer.Exit(1)
+
+
+class _NullContext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *_: object) -> None:
+        return None
+
+
+@app.command()
+def demo(
+    data_dir: Path | None = DataDir,
+    large_ct: int | None = typer.Option(None, "--large-ct", help="Also synthesise an N-image "
+                                        "CT (e.g. 1000) from the real 134-slice CT."),
+    output: Path | None = typer.Option(None, "--output", help="With --large-ct: write the "
+                                       "files to this folder instead of the archive."),
+) -> None:
+    """Load demo patients (Chinese names) with real sample studies."""
+    from cloudfilm.archive.demo import CT_134, encode, sample_data_dir, synthesize_large_ct
+    from cloudfilm.audit.service import Actor
+
+    if output is None:
+        settings = _settings(data_dir)
+        archive = _open_archive(settings, migrate=False)
+        _load_demo(archive)
+    if large_ct is None:
+        return
+    shared = sample_data_dir()
+    if shared is None:
+        console.print("[red]--large-ct needs the real 134-slice CT (../shared/data or "
+                      "CLOUDFILM_SAMPLE_DATA)[/red]")
+        raise typer.Exit(2)
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+    actor = Actor.cli("cloudfilm demo --large-ct")
+    with _progress() as progress:
+        task = progress.add_task(f"合成 synthesising {large_ct}-image CT", total=large_ct)
+        for ds in synthesize_large_ct(shared / CT_134, large_ct):
+            data = encode(ds)
+            if output is not None:
+                (output / f"{int(ds.InstanceNumber):05d}.dcm").write_bytes(data)
+            else:
+                result = archive.ingest(data, actor=actor)
+                if not result.ok:
+                    console.print(f"[red]{result.reason}[/red]")
+                    raise typer.Exit(1)
+            progress.advance(task)
+    console.print(f"synthetic CT: {large_ct} images "
+                  f"{'in ' + str(output) if output else 'in the archive'}")
+
+
+@app.command()
+def migrate(data_dir: Path | None = DataDir) -> None:
+    """Create or upgrade the database schema (run with the schema owner's credentials)."""
+    from cloudfilm import migrations
+    from cloudfilm.db import Database
+
+    settings = _settings(data_dir)
+    db = Database(settings)
+    try:
+        migrations.upgrade(db.engine)
+        console.print(f"schema at {migrations.current(db.engine)}")
+    finally:
+        db.dispose()
+
+
+@storage_app.command("sweep")
+def storage_sweep(
+    data_dir: Path | None = DataDir,
+    orphan_age_minutes: int = typer.Option(60, help="Only blobs older than this are orphans."),
+) -> None:
+    """Remove abandoned temporary files and blobs that no index row points to."""
+    settings = _settings(data_dir)
+    archive = _open_archive(settings, migrate=False)
+    try:
+        temporary, orphans = archive.sweep(orphan_age=timedelta(minutes=orphan_age_minutes))
+    finally:
+        archive.close()
+    Console().print(f"removed {temporary} temporary file(s) and {orphans} orphan object(s)")
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    Console().print(__version__)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

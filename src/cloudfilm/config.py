@@ -1,0 +1,227 @@
+"""One settings object for every role of the program.
+
+Values come, highest priority first, from keyword arguments, the environment
+(``CLOUDFILM_*``, nested with ``__``: ``CLOUDFILM_DIMSE__PORT=11112``), an optional
+TOML file (``CLOUDFILM_CONFIG_FILE``, default ``./cloudfilm.toml`` when it exists)
+and the defaults below. Defaults are closed: remote callers are refused until
+listed, production refuses placeholder secrets.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+from typing import Self
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+#: Secrets that ship in examples and must never reach production.
+PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "secret", "cloudfilm", "admin"})
+
+
+class Environment(StrEnum):
+    DEVELOPMENT = "development"
+    TEST = "test"
+    PRODUCTION = "production"
+
+
+class DuplicatePolicy(StrEnum):
+    """What to do when a SOP Instance UID arrives again with different bytes."""
+
+    KEEP_FIRST = "keep_first"
+    REPLACE = "replace"
+
+
+class ChecksumAlgorithm(StrEnum):
+    SHA256 = "sha256"
+    SM3 = "sm3"
+
+
+class DatabaseSettings(BaseModel):
+    url: str | None = None
+    """SQLAlchemy URL of the index database. Default: SQLite file ``cloudfilm.db`` in the
+    data directory. Production: ``postgresql+psycopg://cloudfilm_app@db-host/cloudfilm``
+    (a business role without DBA rights; the password belongs in ``password``)."""
+
+    password: SecretStr | None = None
+    """Password for the database URL, kept out of the URL so it never appears in logs."""
+
+    pool_size: int = 10
+    """Connections kept open per process (PostgreSQL only)."""
+
+    echo: bool = False
+    """Log every SQL statement. For debugging only: statements carry patient data."""
+
+
+class StorageSettings(BaseModel):
+    url: str | None = None
+    """Where instance blobs live, as a backend URL: ``file:///srv/cloudfilm/storage``.
+    Default: the ``storage`` folder in the data directory."""
+
+    checksum: ChecksumAlgorithm = ChecksumAlgorithm.SHA256
+    """Digest recorded for every stored object (``sm3`` for commercial-cryptography sites)."""
+
+    fsync: bool = True
+    """Flush every object and its directory to disk before the index commit. Turning it off
+    trades crash safety for speed; only for throw-away test archives."""
+
+    temp_max_age_seconds: int = 600
+    """Temporary upload files older than this whose writer is gone are swept."""
+
+
+class IngestSettings(BaseModel):
+    duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST
+    """A known SOP Instance UID arriving with *different* bytes: ``keep_first`` keeps the
+    stored object (the new one is refused and audited), ``replace`` stores the new one.
+    Identical bytes are always a no-op."""
+
+    max_object_bytes: int = 2 * 1024**3
+    """Largest DICOM object accepted, in bytes."""
+
+    max_frame_pixels: int = 20_000 * 20_000
+    """Largest Rows x Columns accepted for one frame; larger headers are refused as absurd."""
+
+
+class DimseSettings(BaseModel):
+    ae_title: str = "CLOUDFILM"
+    """Our AE title (max 16 characters, PS3.5 AE VR)."""
+
+    port: int = 11112
+    """TCP port of the DICOM listener (C-ECHO, C-STORE)."""
+
+    host: str = "127.0.0.1"
+    """Address the DICOM listener binds to. ``0.0.0.0`` to accept modalities on the LAN."""
+
+    accept_unknown_callers: bool = False
+    """Accept associations from AE titles that are not in ``allowed_callers``. Leave off
+    outside the lab; ``--demo`` turns it on for the local machine."""
+
+    allowed_callers: dict[str, str] = Field(default_factory=dict)
+    """Calling AE title → allowed source address (``*`` for any), e.g.
+    ``{"CT01" = "10.1.2.3"}``."""
+
+    require_called_ae_title: bool = True
+    """Refuse associations addressed to another AE title than ours."""
+
+    max_pdu: int = 262_144
+    """Largest PDU we accept, in bytes. Larger PDUs mean fewer round trips per image."""
+
+    max_associations: int = 20
+    """Simultaneous associations before new ones are rejected."""
+
+    network_timeout: float = 60.0
+    """Seconds of silence before an association is aborted."""
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae_title(cls, value: str) -> str:
+        if not 0 < len(value.strip()) <= 16 or "\\" in value:
+            raise ValueError("an AE title has 1 to 16 characters and no backslash")
+        return value.strip()
+
+
+class HttpSettings(BaseModel):
+    host: str = "127.0.0.1"
+    """Address of the HTTP server. Behind nginx keep the loopback default."""
+
+    port: int = 8000
+    """TCP port of the HTTP server."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CLOUDFILM_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    environment: Environment = Environment.DEVELOPMENT
+    """``production`` refuses placeholder secrets and the demo switches."""
+
+    data_dir: Path = Path("./var")
+    """Folder of the embedded default: ``cloudfilm.db`` and ``storage/``."""
+
+    secret_key: SecretStr = Field(default_factory=lambda: SecretStr(secrets.token_urlsafe(32)))
+    """Key that signs tokens and links. Set it (≥ 32 characters) in production so all
+    processes agree; the default is random per process."""
+
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    dimse: DimseSettings = Field(default_factory=DimseSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = os.environ.get("CLOUDFILM_CONFIG_FILE", "cloudfilm.toml")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if Path(toml_file).is_file():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secrets(self) -> Self:
+        if self.environment is not Environment.PRODUCTION:
+            return self
+        if "CLOUDFILM_SECRET_KEY" not in os.environ and not _set_explicitly(self, "secret_key"):
+            raise ValueError(
+                "production needs CLOUDFILM_SECRET_KEY (≥ 32 random characters) so that every "
+                "process signs with the same key"
+            )
+        checks: dict[str, SecretStr | None] = {
+            "secret_key": self.secret_key,
+            "database.password": self.database.password,
+        }
+        for name, value in checks.items():
+            if value is None:
+                continue
+            text = value.get_secret_value()
+            if text.lower() in PLACEHOLDER_SECRETS or (name == "secret_key" and len(text) < 32):
+                raise ValueError(
+                    f"{name} holds a placeholder or too short a value; set a real secret "
+                    f"(environment CLOUDFILM_{name.upper().replace('.', '__')}) before starting "
+                    "in production"
+                )
+        if self.database.url is None:
+            raise ValueError("production needs CLOUDFILM_DATABASE__URL (PostgreSQL)")
+        return self
+
+    @property
+    def database_url(self) -> str:
+        """The index URL with the default filled in."""
+        if self.database.url:
+            return self.database.url
+        return f"sqlite:///{(self.data_dir / 'cloudfilm.db').resolve()}"
+
+    @property
+    def storage_url(self) -> str:
+        if self.storage.url:
+            return self.storage.url
+        return (self.data_dir / "storage").resolve().as_uri()
+
+
+def _set_explicitly(settings: Settings, name: str) -> bool:
+    return name in settings.model_fields_set
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings (cached; tests build their own ``Settings``)."""
+    return Settings()
