@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import re
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +30,6 @@ from pydicom import dcmread
 from pydicom.charset import python_encoding
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import parse_fragments
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.filewriter import write_file_meta_info
@@ -126,6 +126,7 @@ def parse_instance(
     _check_character_set(ds)
     _check_complete(ds)
     _check_pixels(ds, UID(ts), limits)
+    _strip_iso2022_escapes(ds, notes)
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
@@ -168,19 +169,21 @@ def _split_dataset(
         if ts and is_valid_uid(str(ts)):
             return data[offset:], str(ts)
         notes.append("file meta had no valid Transfer Syntax UID; encoding recognised")
-        return data[offset:], _guess_encoding(data[offset:])
+        return data[offset:], _guess_encoding(
+            data[offset:], "no Transfer Syntax UID in the File Meta Information"
+        )
     if len(data) >= 132 and data[:128] == b"\x00" * 128:
         raise InvalidDicom(
             "128-byte preamble without the 'DICM' prefix: not a DICOM file, or damaged"
         )
     notes.append("no File Meta Information (bare data set); encoding recognised")
-    return data, _guess_encoding(data)
+    return data, _guess_encoding(data, "not DICOM: no preamble and 'DICM' prefix")
 
 
-def _guess_encoding(dataset_bytes: bytes) -> str:
+def _guess_encoding(dataset_bytes: bytes, problem: str) -> str:
     """Recognise the encoding of a bare data set from its first element (PS3.5 7.1)."""
     if len(dataset_bytes) < 8:
-        raise InvalidDicom(f"not DICOM: only {len(dataset_bytes)} bytes")
+        raise InvalidDicom(f"{problem}, and only {len(dataset_bytes)} bytes")
     group_le = int.from_bytes(dataset_bytes[0:2], "little")
     group_be = int.from_bytes(dataset_bytes[0:2], "big")
     vr = dataset_bytes[4:6]
@@ -190,7 +193,7 @@ def _guess_encoding(dataset_bytes: bytes) -> str:
     if group_be in (0x0008, 0x0002) and explicit:
         return ExplicitVRBigEndian
     raise InvalidDicom(
-        "not DICOM: no preamble and 'DICM' prefix, and the first bytes are not a data element"
+        f"{problem}, and the first bytes are not a data element whose encoding we recognise"
     )
 
 
@@ -253,6 +256,31 @@ def _check_character_set(ds: Dataset) -> None:
             )
 
 
+_ESCAPE = re.compile(r"\x1b[\x20-\x2f]*[\x40-\x7e]")
+_TEXT_VRS = frozenset({"PN", "LO", "SH", "ST", "LT", "UT", "UC"})
+
+
+def _strip_iso2022_escapes(ds: Dataset, notes: list[str]) -> None:
+    """Remove ISO 2022 escape sequences that survive decoding.
+
+    pydicom decodes ISO 2022 IR 58 (GB 2312) text but leaves the G1 designation
+    ``ESC $ ) A`` in the result (``Zhang^XiaoDong=\x1b$)A张^\x1b$)A小东``). The escape
+    sequences are code-extension controls (PS3.5 6.1.2.5.3), never characters, so we drop
+    them to index and return clean Unicode. The stored blob keeps the original bytes.
+    """
+    charset = ds.get("SpecificCharacterSet")
+    terms = [charset] if isinstance(charset, str) else list(charset or [])
+    if not any(str(t).startswith("ISO 2022") for t in terms):
+        return
+    for elem in ds.iterall():
+        if elem.VR not in _TEXT_VRS or elem.value is None:
+            continue
+        text = str(elem.value) if elem.VM <= 1 else "\\".join(str(v) for v in elem.value)
+        if "\x1b" in text:
+            elem.value = _ESCAPE.sub("", text)
+            notes.append(f"ISO 2022 escape sequences removed from {elem.keyword or elem.tag}")
+
+
 def _check_complete(ds: Dataset) -> None:
     """Refuse elements whose declared length runs past the end of the data."""
     for tag in list(ds.keys()):
@@ -284,6 +312,32 @@ def _int(ds: Dataset, keyword: str, default: int | None = None) -> int | None:
         return default
 
 
+def _check_fragments(value: bytes) -> None:
+    """PS3.5 A.4: a Basic Offset Table item, then one or more fragment items, each with a
+    defined length that stays inside the value."""
+    position = 0
+    items = 0
+    end = len(value)
+    while position < end:
+        if position + 8 > end:
+            raise InvalidDicom("encapsulated Pixel Data ends inside an item header: truncated")
+        group, element, length = struct.unpack_from("<HHI", value, position)
+        if (group, element) != (0xFFFE, 0xE000):
+            raise InvalidDicom(
+                f"encapsulated Pixel Data: expected an item tag (FFFE,E000) at byte {position}, "
+                f"found ({group:04X},{element:04X}); the fragments are malformed"
+            )
+        position += 8 + length
+        if length == _UNDEFINED or position > end:
+            raise InvalidDicom(
+                f"encapsulated Pixel Data: item {items} declares {length} bytes, more than "
+                "remain; the pixel data is truncated or holds an embedded delimiter"
+            )
+        items += 1
+    if items < 2:
+        raise InvalidDicom("encapsulated Pixel Data holds no fragment after the offset table")
+
+
 def _check_pixels(ds: Dataset, ts: UID, limits: IngestLimits) -> None:
     rows = _int(ds, "Rows")
     columns = _int(ds, "Columns")
@@ -293,6 +347,13 @@ def _check_pixels(ds: Dataset, ts: UID, limits: IngestLimits) -> None:
             "pixels per frame (setting ingest.max_frame_pixels)"
         )
     if _PIXEL_DATA not in ds:
+        sop_class = UID(str(ds.SOPClassUID)).name
+        has_float = "FloatPixelData" in ds or "DoubleFloatPixelData" in ds
+        if sop_class.endswith("Image Storage") and not has_float:
+            # The Image Pixel module is mandatory in image IODs (PS3.3 C.7.6.3).
+            raise InvalidDicom(
+                f"{sop_class} object has no Pixel Data: the file is truncated or incomplete"
+            )
         return
     element = ds.get_item(_PIXEL_DATA)
     value = element.value if element is not None else None
@@ -304,12 +365,7 @@ def _check_pixels(ds: Dataset, ts: UID, limits: IngestLimits) -> None:
     if frames < 1 or frames > limits.max_frames:
         raise InvalidDicom(f"Number of Frames {frames} is out of range (1 to {limits.max_frames})")
     if ts.is_encapsulated:
-        try:
-            fragments, _ = parse_fragments(value)
-        except (ValueError, TypeError) as exc:
-            raise InvalidDicom(f"encapsulated Pixel Data is malformed: {exc}") from exc
-        if fragments < 1:
-            raise InvalidDicom("encapsulated Pixel Data holds no fragment")
+        _check_fragments(bytes(value))
         return
     samples = _int(ds, "SamplesPerPixel", 1) or 1
     bits = _int(ds, "BitsAllocated")
