@@ -86,6 +86,7 @@ class DIMSEServer:
         ]
         self._server = self.ae.make_server(address, evt_handlers=handlers,
                                            server_class=_NoDelayServer)
+        self.ae._servers.append(self._server)  # as AE.start_server does; shutdown() expects it
         self._thread = threading.Thread(
             target=self._server.serve_forever, name=f"dimse-{address[1]}", daemon=True
         )

@@ -1,0 +1,126 @@
+"""The DICOM listener with real peers: dcmtk's storescu/echoscu and pynetdicom SCUs."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import DATA, free_port, require_tool
+from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+from sqlalchemy import select
+
+from cloudfilm.archive.ingest import Archive
+from cloudfilm.archive.models import Instance, Study
+from cloudfilm.audit.models import AuditEvent
+from cloudfilm.config import DimseSettings
+from cloudfilm.dimse.server import DIMSEServer
+
+
+@pytest.fixture
+def scp(archive: Archive) -> Iterator[DIMSEServer]:
+    server = DIMSEServer(archive, DimseSettings(
+        port=free_port(), allowed_callers={"STORESCU": "127.0.0.1", "PYNETDICOM": "*"}
+    ))
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_storescu__134_slice_ct_indexed_with_identical_bytes(
+    scp: DIMSEServer, archive: Archive, ct_files: list[Path]
+) -> None:
+    storescu = require_tool("storescu")
+    subprocess.run(
+        [storescu, "-aet", "STORESCU", "-aec", "CLOUDFILM", "127.0.0.1", str(scp.port),
+         *map(str, ct_files)],
+        check=True, capture_output=True, timeout=120, env={**os.environ, "TCP_NODELAY": "1"},
+    )
+    with archive.db.read_session() as session:
+        instances = {i.sop_instance_uid: i for i in session.scalars(select(Instance))}
+        study = session.scalars(select(Study)).one()
+    assert len(instances) == 134
+    assert study.number_of_instances == 134
+    for path in ct_files:
+        original = path.read_bytes()
+        uid = dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        instance = instances[uid]
+        blob = archive.storage.read(instance.storage_key)
+        assert instance.checksum == "sha256:" + hashlib.sha256(blob).hexdigest()
+        # storescu re-encodes sequences with explicit lengths, so compare what it sends:
+        # every element's value, and the pixel data byte for byte.
+        stored, sent = dcmread(io.BytesIO(blob)), dcmread(io.BytesIO(original))
+        assert stored == sent
+        assert hashlib.sha256(stored.PixelData).digest() == hashlib.sha256(
+            sent.PixelData).digest()
+        assert stored.file_meta.SourceApplicationEntityTitle == "STORESCU"
+
+
+def test_echoscu__verification(scp: DIMSEServer) -> None:
+    echoscu = require_tool("echoscu")
+    done = subprocess.run([echoscu, "-aet", "STORESCU", "-aec", "CLOUDFILM", "127.0.0.1",
+                           str(scp.port)], capture_output=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+
+
+def test_association__unknown_caller_rejected_and_audited(scp: DIMSEServer,
+                                                          archive: Archive) -> None:
+    ae = AE(ae_title="INTRUDER")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="CLOUDFILM")
+    assert assoc.is_rejected
+    assert assoc.acceptor.primitive.diagnostic == 0x03  # calling AE title not recognised
+    with archive.db.read_session() as session:
+        event = session.scalars(select(AuditEvent)).one()
+    assert event.event_type == "association-rejected"
+    assert event.actor_id == "INTRUDER"
+
+
+def test_association__wrong_called_aet_rejected(scp: DIMSEServer) -> None:
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="NOTUS")
+    assert assoc.is_rejected
+    assert assoc.acceptor.primitive.diagnostic == 0x07
+
+
+def test_association__known_aet_from_wrong_address_rejected(archive: Archive) -> None:
+    server = DIMSEServer(archive, DimseSettings(port=free_port(),
+                                                allowed_callers={"CT01": "10.9.9.9"}))
+    server.start()
+    try:
+        ae = AE(ae_title="CT01")
+        ae.add_requested_context(Verification)
+        assert ae.associate("127.0.0.1", server.port, ae_title="CLOUDFILM").is_rejected
+    finally:
+        server.stop()
+
+
+def test_c_store__bad_object_gets_failure_status_with_reason(
+    scp: DIMSEServer, archive: Archive
+) -> None:
+    ds = dcmread(DATA / "ct_small.dcm")
+    ds.PixelData = ds.PixelData[:1000]
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2")
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="CLOUDFILM")
+    assert assoc.is_established
+    status = assoc.send_c_store(ds)
+    good = dcmread(DATA / "ct_small.dcm")
+    good.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.77"
+    good_status = assoc.send_c_store(good)
+    assoc.release()
+    assert status.Status == 0xC000
+    assert "Pixel Data has 1000 bytes" in status.ErrorComment
+    assert good_status.Status == 0x0000
+    with archive.db.read_session() as session:
+        assert [i.sop_instance_uid for i in session.scalars(select(Instance))] == [
+            good.SOPInstanceUID]
+        events = [e.event_type for e in session.scalars(select(AuditEvent))]
+    assert events == ["instance-rejected", "instance-stored"]
