@@ -483,10 +483,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if folder is None:
         shared = sample_data_dir()
         folder = shared / CT_134 if shared else None
-    if folder is None or not folder.is_dir():
+    if folder is None:
         print(f"skip: the sample CT ({CT_134}) is not on this machine; set "
               "CLOUDFILM_SAMPLE_DATA to the shared data folder (e.g. /work/shared/data) "
               "or pass --ct FOLDER")
+        return 0
+    if not folder.is_dir():
+        print(f"skip: {folder} is not a folder")
         return 0
     corpus = Corpus.load(folder)
     tools = Tools.find()
