@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
@@ -10,6 +11,7 @@ import time
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import typer
@@ -83,6 +85,7 @@ def _configure_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 @app.command()
@@ -134,12 +137,9 @@ def serve(
     _banner(settings, url, role)
     try:
         if role in (Role.ALL, Role.API):
-            import uvicorn
-
             from cloudfilm.app import create_app
 
-            uvicorn.run(create_app(archive), host=settings.http.host, port=settings.http.port,
-                        log_level="warning", access_log=False, timeout_graceful_shutdown=20)
+            _HTTPServer.serve_app(create_app(archive), settings)
         else:
             stop = threading.Event()
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -149,6 +149,31 @@ def serve(
         if dimse_server is not None:
             dimse_server.stop()
         archive.close()
+
+
+class _HTTPServer:
+    """uvicorn, minus its habit of re-raising SIGTERM after a graceful shutdown (which would
+    kill the process before the DICOM listener and the database are closed)."""
+
+    @staticmethod
+    def serve_app(asgi_app: Any, settings: Settings) -> None:
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self) -> Iterator[None]:
+                previous = {sig: signal.signal(sig, self.handle_exit)
+                            for sig in (signal.SIGINT, signal.SIGTERM)}
+                try:
+                    yield
+                finally:
+                    for sig, handler in previous.items():
+                        signal.signal(sig, handler)
+
+        config = uvicorn.Config(asgi_app, host=settings.http.host, port=settings.http.port,
+                                log_level="warning", access_log=False,
+                                timeout_graceful_shutdown=20)
+        Server(config).run()
 
 
 def _banner(settings: Settings, url: str, role: Role) -> None:
@@ -161,7 +186,7 @@ def _banner(settings: Settings, url: str, role: Role) -> None:
                      f"{settings.dimse.host}:{settings.dimse.port}")
     lines.append(f"  数据 Data:       {settings.database_url.split('?')[0]}")
     lines.append("  停止 Stop:       Ctrl+C")
-    console.print("\n".join(lines))
+    console.print("\n".join(lines), soft_wrap=True)
 
 
 def _progress() -> Progress:

@@ -4,8 +4,8 @@
 (new UIDs, so the originals can still be imported beside them). ``--large-ct N``
 synthesises an N-image CT from the real 134-slice CT by linear interpolation along z.
 
-The sample files come from the shared data folder when it exists (``CLOUDFILM_SAMPLE_DATA``,
-or ``../shared/data`` next to the working directory or the source tree) and otherwise from
+The sample files come from the shared data folder when it exists (``CLOUDFILM_SAMPLE_DATA`` when
+set, else ``../shared/data`` next to the working directory or the source tree) and otherwise from
 the few small files shipped in ``tests/data``.
 """
 
@@ -30,8 +30,9 @@ CT_134 = "ct/pancreas_ct_cb_001_axial_134"
 
 def sample_data_dir() -> Path | None:
     """The shared sample-data folder, or ``None`` when this machine has none."""
-    candidates = [os.environ.get("CLOUDFILM_SAMPLE_DATA"), "../shared/data",
-                  str(_SOURCE_TREE.parent / "shared" / "data")]
+    configured = os.environ.get("CLOUDFILM_SAMPLE_DATA")
+    candidates = [configured] if configured else [
+        "../shared/data", str(_SOURCE_TREE.parent / "shared" / "data")]
     for candidate in candidates:
         if candidate and (Path(candidate) / "MANIFEST.md").is_file():
             return Path(candidate).resolve()
@@ -167,13 +168,13 @@ def synthesize_large_ct(
     study_uid = demo_uid(patient_id, "large-ct", count, "study")
     series_uid = demo_uid(patient_id, "large-ct", count, "series")
     frame_uid = demo_uid(patient_id, "large-ct", count, "frame")
-    info = dict(np.iinfo(dtype).__dict__) if np.issubdtype(dtype, np.integer) else {}
+    limits = np.iinfo(dtype) if np.issubdtype(dtype, np.integer) else None
     for k, zk in enumerate(targets):
         i = int(min(max(np.searchsorted(z, zk, side="right") - 1, 0), len(z) - 2))
         w = (zk - z[i]) / (z[i + 1] - z[i])
         mixed = (1.0 - w) * volume[i].astype(np.float32) + w * volume[i + 1].astype(np.float32)
-        if info:
-            mixed = np.clip(np.rint(mixed), info["min"], info["max"])
+        if limits is not None:
+            mixed = np.clip(np.rint(mixed), limits.min, limits.max)
         pixels = mixed.astype(dtype)
         ds = slices[i if w < 0.5 else i + 1].copy()
         ds.SpecificCharacterSet = "ISO_IR 192"
