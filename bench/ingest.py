@@ -136,12 +136,14 @@ def child_env(pycache: Path, **extra: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def running(cmd: Sequence[str], *, env: dict[str, str], cwd: Path, log: Path
-            ) -> Iterator[subprocess.Popen[bytes]]:
+def running(
+    cmd: Sequence[str], *, env: dict[str, str], cwd: Path, log: Path
+) -> Iterator[subprocess.Popen[bytes]]:
     """Start ``cmd`` (output to ``log``) and always stop it: SIGTERM, then SIGKILL."""
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
         try:
             yield proc
         finally:
@@ -167,8 +169,9 @@ def tail(log: Path, lines: int = 15) -> str:
     return "\n".join(text[-lines:])
 
 
-def wait_until(ready: Callable[[], bool], proc: subprocess.Popen[bytes], what: str,
-               log: Path) -> None:
+def wait_until(
+    ready: Callable[[], bool], proc: subprocess.Popen[bytes], what: str, log: Path
+) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -181,20 +184,25 @@ def wait_until(ready: Callable[[], bool], proc: subprocess.Popen[bytes], what: s
 
 def echo_ok(tools: Tools, aet: str, port: int) -> bool:
     assert tools.echoscu is not None
-    done = subprocess.run([tools.echoscu, "-aec", aet, LOOPBACK, str(port)],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    done = subprocess.run(
+        [tools.echoscu, "-aec", aet, LOOPBACK, str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=False,
+    )
     return done.returncode == 0
 
 
-def timed(cmd: Sequence[str], *, env: dict[str, str], cwd: Path, what: str
-          ) -> tuple[float, str]:
+def timed(cmd: Sequence[str], *, env: dict[str, str], cwd: Path, what: str) -> tuple[float, str]:
     """Run ``cmd`` to completion; (wall seconds, stdout). Any failure is a BenchError."""
     start = time.perf_counter()
     done = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, check=False)
     elapsed = time.perf_counter() - start
     if done.returncode != 0:
-        raise BenchError(f"{what} failed with status {done.returncode}:\n"
-                         f"{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        raise BenchError(
+            f"{what} failed with status {done.returncode}:\n"
+            f"{done.stdout[-2000:]}{done.stderr[-2000:]}"
+        )
     return elapsed, done.stdout
 
 
@@ -236,22 +244,46 @@ class Bench:
     def warm_up(self) -> None:
         """Compile bytecode and read the files once, so that no run pays for it alone."""
         base = self.fresh("warm-up")
-        timed([*self.cloudfilm, "import", "--quiet", "--data-dir", str(base / "data"),
-               "--processes", "2", str(self.corpus.folder)],
-              env=child_env(self.pycache), cwd=base, what="warm-up import")
+        timed(
+            [
+                *self.cloudfilm,
+                "import",
+                "--quiet",
+                "--data-dir",
+                str(base / "data"),
+                "--processes",
+                "2",
+                str(self.corpus.folder),
+            ],
+            env=child_env(self.pycache),
+            cwd=base,
+            what="warm-up import",
+        )
 
     def ours_cstore(self) -> float:
         base = self.fresh("cloudfilm-dimse")
         port = free_port()
         data = base / "data"
         env = child_env(self.pycache, CLOUDFILM_DIMSE__ACCEPT_UNKNOWN_CALLERS="true")
-        cmd = [*self.cloudfilm, "serve", "--role", "dimse", "--data-dir", str(data),
-               "--dicom-port", str(port)]
+        cmd = [
+            *self.cloudfilm,
+            "serve",
+            "--role",
+            "dimse",
+            "--data-dir",
+            str(data),
+            "--dicom-port",
+            str(port),
+        ]
         log = base / "serve.log"
         with running(cmd, env=env, cwd=base, log=log) as proc:
             wait_until(lambda: echo_ok(self.tools, OUR_AET, port), proc, "cloudfilm serve", log)
-            seconds, _ = timed(storescu_cmd(self.tools, OUR_AET, port, self.corpus),
-                               env=self.storescu_env(), cwd=base, what="storescu → cloudfilm")
+            seconds, _ = timed(
+                storescu_cmd(self.tools, OUR_AET, port, self.corpus),
+                env=self.storescu_env(),
+                cwd=base,
+                what="storescu → cloudfilm",
+            )
             stored = count_our_instances(data)
         self.expect(stored, "cloudfilm serve --role dimse")
         return seconds
@@ -260,8 +292,16 @@ class Bench:
         """(wall seconds of the command, seconds derived from the rate it prints)."""
         base = self.fresh(f"cloudfilm-import-p{processes}")
         data = base / "data"
-        cmd = [*self.cloudfilm, "import", "--quiet", "--data-dir", str(data),
-               "--processes", str(processes), str(self.corpus.folder)]
+        cmd = [
+            *self.cloudfilm,
+            "import",
+            "--quiet",
+            "--data-dir",
+            str(data),
+            "--processes",
+            str(processes),
+            str(self.corpus.folder),
+        ]
         seconds, out = timed(cmd, env=child_env(self.pycache), cwd=base, what="cloudfilm import")
         match = CLI_RATE.search(out)
         if match is None:
@@ -280,34 +320,44 @@ class Bench:
         config.write_text(json.dumps(server.config(base), indent=2))
         env = {**os.environ, **extra_env}
         log = base / "orthanc.log"
-        with running([str(self.tools.orthanc), str(config)], env=env, cwd=base,
-                     log=log) as proc:
+        with running([str(self.tools.orthanc), str(config)], env=env, cwd=base, log=log) as proc:
             wait_until(server.http_ready, proc, "Orthanc", log)
             if self.tools.dcmtk:
-                wait_until(lambda: echo_ok(self.tools, ORTHANC_AET, server.dicom_port), proc,
-                           "Orthanc's DICOM port", log)
+                wait_until(
+                    lambda: echo_ok(self.tools, ORTHANC_AET, server.dicom_port),
+                    proc,
+                    "Orthanc's DICOM port",
+                    log,
+                )
             yield server
 
     def orthanc_cstore(self, *, nodelay: bool) -> float:
         extra = {"TCP_NODELAY": "1"} if nodelay else {}
         with self.orthanc("orthanc-dimse" + ("-nodelay" if nodelay else ""), **extra) as server:
-            seconds, _ = timed(storescu_cmd(self.tools, ORTHANC_AET, server.dicom_port,
-                                            self.corpus),
-                               env=self.storescu_env(), cwd=self.work, what="storescu → Orthanc")
+            seconds, _ = timed(
+                storescu_cmd(self.tools, ORTHANC_AET, server.dicom_port, self.corpus),
+                env=self.storescu_env(),
+                cwd=self.work,
+                what="storescu → Orthanc",
+            )
             self.expect(server.instances(), "Orthanc C-STORE")
         return seconds
 
     def orthanc_rest(self) -> float:
-        with self.orthanc("orthanc-rest") as server, httpx.Client(
-            base_url=server.url, timeout=60.0, headers={"Content-Type": "application/dicom"}
-        ) as client:
+        with (
+            self.orthanc("orthanc-rest") as server,
+            httpx.Client(
+                base_url=server.url, timeout=60.0, headers={"Content-Type": "application/dicom"}
+            ) as client,
+        ):
             client.get("/system").raise_for_status()  # open the connection before the clock
             start = time.perf_counter()
             for path in self.corpus.files:
                 response = client.post("/instances", content=path.read_bytes())
                 if response.status_code != 200 or response.json().get("Status") != "Success":
-                    raise BenchError(f"Orthanc refused {path.name}: {response.status_code} "
-                                     f"{response.text[:300]}")
+                    raise BenchError(
+                        f"Orthanc refused {path.name}: {response.status_code} {response.text[:300]}"
+                    )
             seconds = time.perf_counter() - start
             self.expect(server.instances(), "Orthanc REST")
         return seconds
@@ -408,13 +458,12 @@ def machine(tools: Tools, work: Path) -> dict[str, str]:
         "cpu": cpu_model(),
         "python": platform.python_version(),
         "cloudfilm": f"{package_version('cloudfilm')} (git {commit}"
-                     f"{', src/ modified' if dirty not in ('', '?') else ''})",
-        "pydicom / pynetdicom": f"{package_version('pydicom')} / "
-                                f"{package_version('pynetdicom')}",
-        "orthanc": first_line([str(tools.orthanc), "--version"]) if tools.orthanc
+        f"{', src/ modified' if dirty not in ('', '?') else ''})",
+        "pydicom / pynetdicom": f"{package_version('pydicom')} / {package_version('pynetdicom')}",
+        "orthanc": first_line([str(tools.orthanc), "--version"])
+        if tools.orthanc
         else "not installed",
-        "dcmtk": first_line([tools.storescu, "--version"]) if tools.storescu
-        else "not installed",
+        "dcmtk": first_line([tools.storescu, "--version"]) if tools.storescu else "not installed",
         "scratch filesystem": f"{work.parent} ({filesystem_of(work)})",
     }
 
@@ -434,8 +483,10 @@ def report(series: list[Series], corpus: Corpus, runs: int) -> str:
     for s in by_key.values():
         median = s.median()
         runs_text = ", ".join(f"{x:.2f}" for x in s.seconds)
-        lines.append(f"| {s.door} | {s.system} | {median:.2f} | {corpus.count / median:.0f} | "
-                     f"{mb / median:.1f} | {runs_text} |")
+        lines.append(
+            f"| {s.door} | {s.system} | {median:.2f} | {corpus.count / median:.0f} | "
+            f"{mb / median:.1f} | {runs_text} |"
+        )
     pairs = [
         ("C-STORE", "ours_cstore", "orthanc_cstore"),
         ("C-STORE", "ours_cstore", "orthanc_cstore_nodelay"),
@@ -444,13 +495,17 @@ def report(series: list[Series], corpus: Corpus, runs: int) -> str:
         ("bulk file", "ours_import_p1_wall", "orthanc_rest"),
         ("bulk file", "ours_import_p1_cli", "orthanc_rest"),
     ]
-    ratio_lines = ["", "| door | ours | Orthanc | ours/Orthanc (instances/s) |",
-                   "|---|---|---|--:|"]
+    ratio_lines = [
+        "",
+        "| door | ours | Orthanc | ours/Orthanc (instances/s) |",
+        "|---|---|---|--:|",
+    ]
     for door, ours, theirs in pairs:
         if ours in by_key and theirs in by_key:
             ratio = by_key[theirs].median() / by_key[ours].median()
-            ratio_lines.append(f"| {door} | {by_key[ours].system} | {by_key[theirs].system} | "
-                               f"{ratio:.2f} |")
+            ratio_lines.append(
+                f"| {door} | {by_key[ours].system} | {by_key[theirs].system} | {ratio:.2f} |"
+            )
     if len(ratio_lines) > 3:
         lines += ratio_lines
     return "\n".join(lines)
@@ -461,8 +516,11 @@ def report(series: list[Series], corpus: Corpus, runs: int) -> str:
 
 def sample_data_dir() -> Path | None:
     """The shared sample-data folder, found the way ``cloudfilm demo`` finds it."""
-    for candidate in (os.environ.get("CLOUDFILM_SAMPLE_DATA"), "../shared/data",
-                      str(REPO.parent / "shared" / "data")):
+    for candidate in (
+        os.environ.get("CLOUDFILM_SAMPLE_DATA"),
+        "../shared/data",
+        str(REPO.parent / "shared" / "data"),
+    ):
         if candidate and (Path(candidate) / CT_134).is_dir():
             return Path(candidate).resolve()
     return None
@@ -471,8 +529,12 @@ def sample_data_dir() -> Path | None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="repetitions per measurement")
-    parser.add_argument("--ct", type=Path, default=None,
-                        help="folder of DICOM files (default: the shared 134-slice CT)")
+    parser.add_argument(
+        "--ct",
+        type=Path,
+        default=None,
+        help="folder of DICOM files (default: the shared 134-slice CT)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     return parser.parse_args(argv)
 
@@ -484,9 +546,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         shared = sample_data_dir()
         folder = shared / CT_134 if shared else None
     if folder is None:
-        print(f"skip: the sample CT ({CT_134}) is not on this machine; set "
-              "CLOUDFILM_SAMPLE_DATA to the shared data folder (e.g. /work/shared/data) "
-              "or pass --ct FOLDER")
+        print(
+            f"skip: the sample CT ({CT_134}) is not on this machine; set "
+            "CLOUDFILM_SAMPLE_DATA to the shared data folder (e.g. /work/shared/data) "
+            "or pass --ct FOLDER"
+        )
         return 0
     if not folder.is_dir():
         print(f"skip: {folder} is not a folder")
@@ -494,27 +558,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     corpus = Corpus.load(folder)
     tools = Tools.find()
     if not tools.dcmtk:
-        print("note: dcmtk (storescu, echoscu) not found, C-STORE doors skipped; "
-              "install it with: apt-get install dcmtk")
+        print(
+            "note: dcmtk (storescu, echoscu) not found, C-STORE doors skipped; "
+            "install it with: apt-get install dcmtk"
+        )
     if tools.orthanc is None:
-        print(f"note: {ORTHANC} not found, Orthanc skipped; install it with: "
-              "apt-get install orthanc")
+        print(
+            f"note: {ORTHANC} not found, Orthanc skipped; install it with: apt-get install orthanc"
+        )
 
     series = {
         "ours_cstore": Series("ours_cstore", "C-STORE", "cloudfilm serve --role dimse"),
         "orthanc_cstore": Series("orthanc_cstore", "C-STORE", "Orthanc, default"),
-        "orthanc_cstore_nodelay": Series("orthanc_cstore_nodelay", "C-STORE",
-                                         "Orthanc, TCP_NODELAY=1 in its env"),
-        "ours_import_p2_wall": Series("ours_import_p2_wall", "bulk file",
-                                      "cloudfilm import --processes 2, whole command"),
-        "ours_import_p2_cli": Series("ours_import_p2_cli", "bulk file",
-                                     "cloudfilm import --processes 2, rate it prints"),
-        "ours_import_p1_wall": Series("ours_import_p1_wall", "bulk file",
-                                      "cloudfilm import --processes 1, whole command"),
-        "ours_import_p1_cli": Series("ours_import_p1_cli", "bulk file",
-                                     "cloudfilm import --processes 1, rate it prints"),
-        "orthanc_rest": Series("orthanc_rest", "bulk file",
-                               "Orthanc REST POST /instances, 1 keep-alive connection"),
+        "orthanc_cstore_nodelay": Series(
+            "orthanc_cstore_nodelay", "C-STORE", "Orthanc, TCP_NODELAY=1 in its env"
+        ),
+        "ours_import_p2_wall": Series(
+            "ours_import_p2_wall", "bulk file", "cloudfilm import --processes 2, whole command"
+        ),
+        "ours_import_p2_cli": Series(
+            "ours_import_p2_cli", "bulk file", "cloudfilm import --processes 2, rate it prints"
+        ),
+        "ours_import_p1_wall": Series(
+            "ours_import_p1_wall", "bulk file", "cloudfilm import --processes 1, whole command"
+        ),
+        "ours_import_p1_cli": Series(
+            "ours_import_p1_cli", "bulk file", "cloudfilm import --processes 1, rate it prints"
+        ),
+        "orthanc_rest": Series(
+            "orthanc_rest", "bulk file", "Orthanc REST POST /instances, 1 keep-alive connection"
+        ),
     }
     with tempfile.TemporaryDirectory(prefix="cloudfilm-bench-ingest-") as scratch:
         work = Path(scratch)
@@ -522,8 +595,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         info = machine(tools, work)
         for key, value in info.items():
             print(f"{key:>20}: {value}")
-        print(f"{'data':>20}: {corpus.folder} ({corpus.count} files, "
-              f"{corpus.total_bytes / 1e6:.1f} MB)", flush=True)
+        print(
+            f"{'data':>20}: {corpus.folder} ({corpus.count} files, "
+            f"{corpus.total_bytes / 1e6:.1f} MB)",
+            flush=True,
+        )
         try:
             bench.warm_up()
             for run in range(1, args.runs + 1):
@@ -536,9 +612,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report(results, corpus, args.runs))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "machine": info, "files": corpus.count, "bytes": corpus.total_bytes,
-            "series": [asdict(s) for s in results]}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "machine": info,
+                    "files": corpus.count,
+                    "bytes": corpus.total_bytes,
+                    "series": [asdict(s) for s in results],
+                },
+                indent=2,
+            )
+        )
     return 0
 
 
@@ -547,8 +631,12 @@ def measure(bench: Bench, series: dict[str, Series], run: int, runs: int) -> Non
     tools = bench.tools
 
     def note(what: str, seconds: float) -> None:
-        print(f"  run {run}/{runs} {what:<44} {seconds:6.2f} s "
-              f"{bench.corpus.count / seconds:6.0f} inst/s", file=sys.stderr, flush=True)
+        print(
+            f"  run {run}/{runs} {what:<44} {seconds:6.2f} s "
+            f"{bench.corpus.count / seconds:6.0f} inst/s",
+            file=sys.stderr,
+            flush=True,
+        )
 
     if tools.dcmtk:
         seconds = bench.ours_cstore()

@@ -12,7 +12,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import CT_134, DATA, free_port, shared_data
 from pydicom import dcmread
 from sqlalchemy import select
 
@@ -20,12 +19,19 @@ from cloudfilm.archive.demo import synthesize_large_ct
 from cloudfilm.archive.ingest import Archive
 from cloudfilm.archive.models import Patient
 from cloudfilm.config import Settings
+from conftest import CT_134, DATA, free_port, shared_data
 
 
-def _cli(*args: str, env: dict[str, str] | None = None,
-         timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cloudfilm", *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+def _cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cloudfilm", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def _wait_http(url: str, process: subprocess.Popen[str], seconds: float = 120) -> None:
@@ -50,9 +56,22 @@ def test_serve_demo__starts_with_chinese_demo_patients(tmp_path: Path, sample_da
         shared_data()
     http_port, dicom_port = free_port(), free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "cloudfilm", "serve", "--demo", "--data-dir", str(tmp_path / "var"),
-         "--http-port", str(http_port), "--dicom-port", str(dicom_port)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "cloudfilm",
+            "serve",
+            "--demo",
+            "--data-dir",
+            str(tmp_path / "var"),
+            "--http-port",
+            str(http_port),
+            "--dicom-port",
+            str(dicom_port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, **env},
     )
     base = f"http://127.0.0.1:{http_port}"
@@ -103,8 +122,10 @@ def test_demo_large_ct__interpolates_along_z(tmp_path: Path) -> None:
     assert np.allclose(np.diff(z), np.diff(z)[0])
     assert len({ds.SOPInstanceUID for ds in slices}) == 20
     assert len({ds.SeriesInstanceUID for ds in slices}) == 1
-    first = sorted(CT_134.glob("*.dcm"), key=lambda p: float(
-        dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]))[0]
+    first = sorted(
+        CT_134.glob("*.dcm"),
+        key=lambda p: float(dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]),
+    )[0]
     assert np.array_equal(slices[0].pixel_array, dcmread(first).pixel_array)
     done = _cli("demo", "--large-ct", "12", "--output", str(tmp_path / "ct"))
     assert done.returncode == 0, done.stderr

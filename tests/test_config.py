@@ -24,8 +24,9 @@ def test_settings__toml_file_below_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = tmp_path / "cloudfilm.toml"
-    config.write_text('data_dir = "/srv/cf"\n[dimse]\nae_title = "HOSPITAL_PACS"\nport = 104\n',
-                      encoding="utf-8")
+    config.write_text(
+        'data_dir = "/srv/cf"\n[dimse]\nae_title = "HOSPITAL_PACS"\nport = 104\n', encoding="utf-8"
+    )
     monkeypatch.setenv("CLOUDFILM_CONFIG_FILE", str(config))
     monkeypatch.setenv("CLOUDFILM_DIMSE__PORT", "11112")
     settings = Settings()
@@ -48,8 +49,10 @@ def test_settings__production_refuses_placeholder_secret(
 ) -> None:
     monkeypatch.setenv("CLOUDFILM_SECRET_KEY", key)
     with pytest.raises(ValidationError, match="placeholder or too short"):
-        Settings(environment=Environment.PRODUCTION,
-                 database={"url": "postgresql+psycopg://app@db/cloudfilm"})
+        Settings(
+            environment=Environment.PRODUCTION,
+            database={"url": "postgresql+psycopg://app@db/cloudfilm"},
+        )
 
 
 def test_settings__production_needs_key_database_and_real_password(
@@ -62,13 +65,26 @@ def test_settings__production_needs_key_database_and_real_password(
     with pytest.raises(ValidationError, match="needs CLOUDFILM_DATABASE__URL"):
         Settings(environment=Environment.PRODUCTION)
     with pytest.raises(ValidationError, match="database.password holds a placeholder"):
-        Settings(environment=Environment.PRODUCTION,
-                 database={"url": "postgresql+psycopg://app@db/cf", "password": "changeme"})
-    ok = Settings(environment=Environment.PRODUCTION,
-                  database={"url": "postgresql+psycopg://app@db/cf", "password": "Xy7!pq9#Lm"})
+        Settings(
+            environment=Environment.PRODUCTION,
+            database={"url": "postgresql+psycopg://app@db/cf", "password": "changeme"},
+        )
+    ok = Settings(
+        environment=Environment.PRODUCTION,
+        database={"url": "postgresql+psycopg://app@db/cf", "password": "Xy7!pq9#Lm"},
+    )
     assert "Xy7" not in repr(ok)  # secrets never print
 
 
 def test_settings__ae_title_validated() -> None:
     with pytest.raises(ValidationError, match="AE title"):
         Settings(dimse={"ae_title": "A" * 17})
+
+
+def test_configuration_doc_is_current() -> None:
+    from cloudfilm.config import settings_reference
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    assert doc.read_text(encoding="utf-8") == settings_reference(), (
+        "docs/configuration.md is stale: run `cloudfilm settings > docs/configuration.md`"
+    )

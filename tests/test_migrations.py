@@ -41,8 +41,9 @@ def test_upgrade_head_on_empty_database_matches_models(
         request.addfinalizer(lambda: _drop(admin, name))
     migrations.upgrade(engine)
     with engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}),
-                                Base.metadata)
+        diff = compare_metadata(
+            MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata
+        )
     engine.dispose()
     assert diff == []
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-import sys
 import threading
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 import typer
@@ -31,8 +30,11 @@ storage_app = typer.Typer(help="Storage upkeep.", no_args_is_help=True)
 app.add_typer(storage_app, name="storage")
 console = Console(stderr=True)
 
-DataDir = typer.Option(None, "--data-dir", help="Folder for cloudfilm.db and storage/ "
-                       "(env CLOUDFILM_DATA_DIR; default ./var).")
+DataDir = typer.Option(
+    None,
+    "--data-dir",
+    help="Folder for cloudfilm.db and storage/ (env CLOUDFILM_DATA_DIR; default ./var).",
+)
 
 
 class Role(StrEnum):
@@ -90,8 +92,11 @@ def _configure_logging(verbose: bool = False) -> None:
 
 @app.command()
 def serve(
-    demo: bool = typer.Option(False, "--demo", help="Load demo data and accept local DICOM "
-                              "senders of any AE title (not in production)."),
+    demo: bool = typer.Option(
+        False,
+        "--demo",
+        help="Load demo data and accept local DICOM senders of any AE title (not in production).",
+    ),
     data_dir: Path | None = DataDir,
     host: str | None = typer.Option(None, help="HTTP address (env CLOUDFILM_HTTP__HOST)."),
     http_port: int | None = typer.Option(None, help="HTTP port (env CLOUDFILM_HTTP__PORT)."),
@@ -162,17 +167,24 @@ class _HTTPServer:
         class Server(uvicorn.Server):
             @contextlib.contextmanager
             def capture_signals(self) -> Iterator[None]:
-                previous = {sig: signal.signal(sig, self.handle_exit)
-                            for sig in (signal.SIGINT, signal.SIGTERM)}
+                previous = {
+                    sig: signal.signal(sig, self.handle_exit)
+                    for sig in (signal.SIGINT, signal.SIGTERM)
+                }
                 try:
                     yield
                 finally:
                     for sig, handler in previous.items():
                         signal.signal(sig, handler)
 
-        config = uvicorn.Config(asgi_app, host=settings.http.host, port=settings.http.port,
-                                log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=20)
+        config = uvicorn.Config(
+            asgi_app,
+            host=settings.http.host,
+            port=settings.http.port,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=20,
+        )
         Server(config).run()
 
 
@@ -182,8 +194,10 @@ def _banner(settings: Settings, url: str, role: Role) -> None:
         lines.append(f"  网页 Web:        {url}")
         lines.append(f"  接口 API docs:   {url}api/docs")
     if role in (Role.ALL, Role.DIMSE):
-        lines.append(f"  DICOM:           AE {settings.dimse.ae_title} "
-                     f"{settings.dimse.host}:{settings.dimse.port}")
+        lines.append(
+            f"  DICOM:           AE {settings.dimse.ae_title} "
+            f"{settings.dimse.host}:{settings.dimse.port}"
+        )
     lines.append(f"  数据 Data:       {settings.database_url.split('?')[0]}")
     lines.append("  停止 Stop:       Ctrl+C")
     console.print("\n".join(lines), soft_wrap=True)
@@ -248,8 +262,11 @@ def import_(
     table.add_row("跳过 skipped", str(len(summary.skipped)))
     table.add_row("检查 studies", str(len(summary.studies)))
     rate = summary.total / elapsed if elapsed else 0.0
-    table.add_row("用时 time", f"{elapsed:.1f} s ({rate:.0f} objects/s, "
-                  f"{summary.bytes_read / 1e6 / max(elapsed, 1e-9):.0f} MB/s)")
+    table.add_row(
+        "用时 time",
+        f"{elapsed:.1f} s ({rate:.0f} objects/s, "
+        f"{summary.bytes_read / 1e6 / max(elapsed, 1e-9):.0f} MB/s)",
+    )
     out = Console()
     out.print(table)
     for label, reason in summary.rejected:
@@ -271,10 +288,16 @@ class _NullContext:
 @app.command()
 def demo(
     data_dir: Path | None = DataDir,
-    large_ct: int | None = typer.Option(None, "--large-ct", help="Also synthesise an N-image "
-                                        "CT (e.g. 1000) from the real 134-slice CT."),
-    output: Path | None = typer.Option(None, "--output", help="With --large-ct: write the "
-                                       "files to this folder instead of the archive."),
+    large_ct: int | None = typer.Option(
+        None,
+        "--large-ct",
+        help="Also synthesise an N-image CT (e.g. 1000) from the real 134-slice CT.",
+    ),
+    output: Path | None = typer.Option(
+        None,
+        "--output",
+        help="With --large-ct: write the files to this folder instead of the archive.",
+    ),
 ) -> None:
     """Load demo patients (Chinese names) with real sample studies."""
     from cloudfilm.archive.demo import CT_134, encode, sample_data_dir, synthesize_large_ct
@@ -288,8 +311,10 @@ def demo(
         return
     shared = sample_data_dir()
     if shared is None:
-        console.print("[red]--large-ct needs the real 134-slice CT (../shared/data or "
-                      "CLOUDFILM_SAMPLE_DATA)[/red]")
+        console.print(
+            "[red]--large-ct needs the real 134-slice CT (../shared/data or "
+            "CLOUDFILM_SAMPLE_DATA)[/red]"
+        )
         raise typer.Exit(2)
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
@@ -306,8 +331,9 @@ def demo(
                     console.print(f"[red]{result.reason}[/red]")
                     raise typer.Exit(1)
             progress.advance(task)
-    console.print(f"synthetic CT: {large_ct} images "
-                  f"{'in ' + str(output) if output else 'in the archive'}")
+    console.print(
+        f"synthetic CT: {large_ct} images {'in ' + str(output) if output else 'in the archive'}"
+    )
 
 
 @app.command()
@@ -340,6 +366,14 @@ def storage_sweep(
     Console().print(f"removed {temporary} temporary file(s) and {orphans} orphan object(s)")
 
 
+@app.command("settings")
+def settings_command() -> None:
+    """Print the reference of every setting (Markdown)."""
+    from cloudfilm.config import settings_reference
+
+    typer.echo(settings_reference(), nl=False)
+
+
 @app.command()
 def version() -> None:
     """Print the version."""
@@ -351,4 +385,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

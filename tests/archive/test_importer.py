@@ -7,7 +7,6 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from conftest import DATA, shared_data
 from pydicom import dcmread
 from pydicom.fileset import FileSet
 from sqlalchemy import func, select
@@ -18,10 +17,16 @@ from cloudfilm.archive.models import Instance
 from cloudfilm.archive.parsing import IngestLimits
 from cloudfilm.audit.models import AuditEvent
 from cloudfilm.audit.service import Actor
+from conftest import DATA, shared_data
 
 ACTOR = Actor.cli("cloudfilm import")
-BUNDLED = ["chr_gb18030.dcm", "chr_iso_ir_192.dcm", "emri_small_jpeg_ls_lossless.dcm",
-           "ct_small.dcm", "mr_small.dcm"]
+BUNDLED = [
+    "chr_gb18030.dcm",
+    "chr_iso_ir_192.dcm",
+    "emri_small_jpeg_ls_lossless.dcm",
+    "ct_small.dcm",
+    "mr_small.dcm",
+]
 
 
 def _instances(archive: Archive) -> int:
@@ -41,9 +46,13 @@ def test_import__folder_zip_and_dicomdir(archive: Archive, tmp_path: Path) -> No
     fileset = FileSet()
     for name in BUNDLED[3:]:
         ds = dcmread(DATA / name)
-        for keyword, value in (("StudyID", "1"), ("StudyDate", "20260101"),
-                               ("StudyTime", "080000"), ("SeriesNumber", 1),
-                               ("InstanceNumber", 1)):
+        for keyword, value in (
+            ("StudyID", "1"),
+            ("StudyDate", "20260101"),
+            ("StudyTime", "080000"),
+            ("SeriesNumber", 1),
+            ("InstanceNumber", 1),
+        ):
             if ds.get(keyword) in (None, ""):
                 setattr(ds, keyword, value)
         fileset.add(ds)
@@ -54,8 +63,7 @@ def test_import__folder_zip_and_dicomdir(archive: Archive, tmp_path: Path) -> No
     )
     assert summary.imported == 5
     assert summary.duplicates == 1
-    assert [(Path(p).name, "not DICOM" in r) for p, r in summary.rejected] == [
-        ("notes.txt", True)]
+    assert [(Path(p).name, "not DICOM" in r) for p, r in summary.rejected] == [("notes.txt", True)]
     assert _instances(archive) == 5
     with archive.db.read_session() as session:
         sources = set(session.scalars(select(AuditEvent.source)))
@@ -69,7 +77,8 @@ def test_import__zip_member_larger_than_limit(archive: Archive, tmp_path: Path) 
     summary = import_paths(archive, [tmp_path / "bomb.zip"], actor=ACTOR)
     assert [reason for _, reason in summary.rejected] == [
         "object of 1000001 bytes exceeds the limit of 1000000 bytes "
-        "(setting ingest.max_object_bytes)"]
+        "(setting ingest.max_object_bytes)"
+    ]
     assert _instances(archive) == 0
 
 
@@ -98,7 +107,8 @@ def test_import__whole_shared_tree(archive: Archive) -> None:
     assert summary.imported > 400
     with archive.db.read_session() as session:
         refused = session.scalar(
-            select(func.count()).select_from(AuditEvent)
+            select(func.count())
+            .select_from(AuditEvent)
             .where(AuditEvent.event_type == "instance-rejected")
         )
     assert refused == len(summary.rejected)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import DATA
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from sqlalchemy import func, select
@@ -20,6 +19,7 @@ from cloudfilm.archive.models import Instance, InstanceMetadata, Patient, Series
 from cloudfilm.audit.models import AuditEvent
 from cloudfilm.audit.service import Actor
 from cloudfilm.config import DuplicatePolicy, Settings
+from conftest import DATA
 
 ACTOR = Actor.cli("pytest")
 
@@ -76,11 +76,9 @@ def test_ingest__indexes_stores_and_audits(archive: Archive) -> None:
         # The data set is stored byte for byte; only the file meta is ours.
         stored = dcmread(io.BytesIO(blob))
         assert stored.PixelData == ds.PixelData
-        assert blob.endswith(data[-len(ds.PixelData):])
+        assert blob.endswith(data[-len(ds.PixelData) :])
     events = _audit(archive)
-    assert [(e.event_type, e.action, e.outcome) for e in events] == [
-        ("instance-stored", "C", 0)
-    ]
+    assert [(e.event_type, e.action, e.outcome) for e in events] == [("instance-stored", "C", 0)]
     assert events[0].object_id == ds.SOPInstanceUID
     assert events[0].actor_id == "pytest" and events[0].actor_type == "cli"
 
@@ -116,8 +114,11 @@ def test_ingest__different_bytes_keep_first(archive: Archive) -> None:
 
 def test_ingest__different_bytes_replace(settings: Settings, archive: Archive) -> None:
     archive.settings = settings.model_copy(
-        update={"ingest": settings.ingest.model_copy(
-            update={"duplicate_policy": DuplicatePolicy.REPLACE})}
+        update={
+            "ingest": settings.ingest.model_copy(
+                update={"duplicate_policy": DuplicatePolicy.REPLACE}
+            )
+        }
     )
     ds = dcmread(DATA / "ct_small.dcm")
     archive.ingest(_encode(ds), actor=ACTOR)
@@ -164,7 +165,9 @@ def test_ingest__chinese_names_as_unicode(
         metadata = session.scalars(select(InstanceMetadata)).one()
     assert patient.patient_name == f"{alphabetic}={ideographic}"
     assert (patient.patient_name_alphabetic, patient.patient_name_ideographic) == (
-        alphabetic, ideographic)
+        alphabetic,
+        ideographic,
+    )
     assert patient.patient_name_pinyin == pinyin
     assert patient.patient_name_initials == "wxd"
     name_json = orjson.loads(metadata.dicom_json)["00100010"]["Value"][0]
@@ -197,8 +200,10 @@ def test_ingest__concurrent_senders_of_one_study(archive: Archive) -> None:
         except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
             errors.append(exc)
 
-    threads = [threading.Thread(target=sender, args=(objects,)),
-               threading.Thread(target=sender, args=(list(reversed(objects)),))]
+    threads = [
+        threading.Thread(target=sender, args=(objects,)),
+        threading.Thread(target=sender, args=(list(reversed(objects)),)),
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -6,12 +6,12 @@ import io
 from pathlib import Path
 
 import pytest
-from conftest import DATA, shared_data
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from cloudfilm.archive.parsing import IngestLimits, is_valid_uid, parse_instance
 from cloudfilm.errors import InvalidDicom
+from conftest import DATA, shared_data
 
 LIMITS = IngestLimits(max_object_bytes=64 * 1024**2, max_frame_pixels=20_000 * 20_000)
 
@@ -30,7 +30,7 @@ def test_parse_instance__keeps_data_set_bytes_and_rebuilds_meta() -> None:
     original = (DATA / "ct_small.dcm").read_bytes()
     parsed = parse_instance(original, LIMITS)
     source_offset = len(original) - (len(parsed.blob) - parsed.dataset_offset)
-    assert parsed.blob[parsed.dataset_offset:] == original[source_offset:]
+    assert parsed.blob[parsed.dataset_offset :] == original[source_offset:]
     stored = dcmread(io.BytesIO(parsed.blob))
     assert stored.file_meta.MediaStorageSOPInstanceUID == stored.SOPInstanceUID
     assert stored.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
@@ -65,8 +65,9 @@ def test_parse_instance__refuses_bad_uid(bad: str) -> None:
         parse_instance(_bytes(ds), LIMITS)
 
 
-@pytest.mark.parametrize("keyword", ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
-                                     "SeriesInstanceUID"])
+@pytest.mark.parametrize(
+    "keyword", ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]
+)
 def test_parse_instance__refuses_missing_uid(keyword: str) -> None:
     ds = _ct()
     delattr(ds, keyword)
@@ -123,7 +124,7 @@ def test_parse_instance__accepts_bare_data_set() -> None:
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=False, implicit_vr=True, little_endian=True)
     raw = buffer.getvalue()
-    bare = raw[raw.index(b"\x08\x00"):] if raw[128:132] == b"DICM" else raw
+    bare = raw[raw.index(b"\x08\x00") :] if raw[128:132] == b"DICM" else raw
     parsed = parse_instance(bare, LIMITS)
     assert parsed.transfer_syntax_uid == "1.2.840.10008.1.2"
     assert any("bare data set" in note for note in parsed.notes)
@@ -178,8 +179,9 @@ def test_parse_instance__shared_malformed_corpus(name: str) -> None:
         parse_instance(Path(path).read_bytes(), LIMITS)
 
 
-@pytest.mark.parametrize("name", ["JPEG2000-embedded-sequence-delimiter.dcm",
-                                  "mr_j2k_codestream_zeroed_4KiB.dcm"])
+@pytest.mark.parametrize(
+    "name", ["JPEG2000-embedded-sequence-delimiter.dcm", "mr_j2k_codestream_zeroed_4KiB.dcm"]
+)
 def test_parse_instance__damaged_codestream_needs_decoding_to_detect(name: str) -> None:
     """Structurally sound objects whose compressed codestream is damaged pass ingest
     validation: only decoding finds them, and ingest does not decode."""
@@ -206,12 +208,17 @@ def test_parse_instance__odd_files_refused_with_reason() -> None:
 def test_parse_instance__odd_but_valid_files_accepted() -> None:
     """Real-world oddities that carry a complete, readable object are kept as sent."""
     folder = shared_data("odd")
-    accepted = {"693_J2KR.dcm", "GDCMJ2K_TextGBR.dcm", "J2K_pixelrep_mismatch.dcm",
-                "MR-SIEMENS-DICOM-WithOverlays.dcm",
-                "explicit_VR-UN.dcm", "gdcm-US-ALOKA-16_big.dcm",
-                "reportsi_with_empty_number_tags.dcm", "ExplVR_BigEndNoMeta.dcm",
-                "ExplVR_LitEndNoMeta.dcm"}
+    accepted = {
+        "693_J2KR.dcm",
+        "GDCMJ2K_TextGBR.dcm",
+        "J2K_pixelrep_mismatch.dcm",
+        "MR-SIEMENS-DICOM-WithOverlays.dcm",
+        "explicit_VR-UN.dcm",
+        "gdcm-US-ALOKA-16_big.dcm",
+        "reportsi_with_empty_number_tags.dcm",
+        "ExplVR_BigEndNoMeta.dcm",
+        "ExplVR_LitEndNoMeta.dcm",
+    }
     for name in sorted(accepted):
         parsed = parse_instance((folder / name).read_bytes(), LIMITS)
         assert parsed.sop_instance_uid
-

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import DATA, free_port, require_tool
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
@@ -21,13 +20,17 @@ from cloudfilm.archive.models import Instance, Study
 from cloudfilm.audit.models import AuditEvent
 from cloudfilm.config import DimseSettings
 from cloudfilm.dimse.server import DIMSEServer
+from conftest import DATA, free_port, require_tool
 
 
 @pytest.fixture
 def scp(archive: Archive) -> Iterator[DIMSEServer]:
-    server = DIMSEServer(archive, DimseSettings(
-        port=free_port(), allowed_callers={"STORESCU": "127.0.0.1", "PYNETDICOM": "*"}
-    ))
+    server = DIMSEServer(
+        archive,
+        DimseSettings(
+            port=free_port(), allowed_callers={"STORESCU": "127.0.0.1", "PYNETDICOM": "*"}
+        ),
+    )
     server.start()
     yield server
     server.stop()
@@ -38,9 +41,20 @@ def test_storescu__134_slice_ct_indexed_with_identical_bytes(
 ) -> None:
     storescu = require_tool("storescu")
     subprocess.run(
-        [storescu, "-aet", "STORESCU", "-aec", "CLOUDFILM", "127.0.0.1", str(scp.port),
-         *map(str, ct_files)],
-        check=True, capture_output=True, timeout=120, env={**os.environ, "TCP_NODELAY": "1"},
+        [
+            storescu,
+            "-aet",
+            "STORESCU",
+            "-aec",
+            "CLOUDFILM",
+            "127.0.0.1",
+            str(scp.port),
+            *map(str, ct_files),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, "TCP_NODELAY": "1"},
     )
     with archive.db.read_session() as session:
         instances = {i.sop_instance_uid: i for i in session.scalars(select(Instance))}
@@ -57,20 +71,23 @@ def test_storescu__134_slice_ct_indexed_with_identical_bytes(
         # every element's value, and the pixel data byte for byte.
         stored, sent = dcmread(io.BytesIO(blob)), dcmread(io.BytesIO(original))
         assert stored == sent
-        assert hashlib.sha256(stored.PixelData).digest() == hashlib.sha256(
-            sent.PixelData).digest()
+        assert hashlib.sha256(stored.PixelData).digest() == hashlib.sha256(sent.PixelData).digest()
         assert stored.file_meta.SourceApplicationEntityTitle == "STORESCU"
 
 
 def test_echoscu__verification(scp: DIMSEServer) -> None:
     echoscu = require_tool("echoscu")
-    done = subprocess.run([echoscu, "-aet", "STORESCU", "-aec", "CLOUDFILM", "127.0.0.1",
-                           str(scp.port)], capture_output=True, timeout=30)
+    done = subprocess.run(
+        [echoscu, "-aet", "STORESCU", "-aec", "CLOUDFILM", "127.0.0.1", str(scp.port)],
+        capture_output=True,
+        timeout=30,
+    )
     assert done.returncode == 0, done.stderr
 
 
-def test_association__unknown_caller_rejected_and_audited(scp: DIMSEServer,
-                                                          archive: Archive) -> None:
+def test_association__unknown_caller_rejected_and_audited(
+    scp: DIMSEServer, archive: Archive
+) -> None:
     ae = AE(ae_title="INTRUDER")
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", scp.port, ae_title="CLOUDFILM")
@@ -91,8 +108,9 @@ def test_association__wrong_called_aet_rejected(scp: DIMSEServer) -> None:
 
 
 def test_association__known_aet_from_wrong_address_rejected(archive: Archive) -> None:
-    server = DIMSEServer(archive, DimseSettings(port=free_port(),
-                                                allowed_callers={"CT01": "10.9.9.9"}))
+    server = DIMSEServer(
+        archive, DimseSettings(port=free_port(), allowed_callers={"CT01": "10.9.9.9"})
+    )
     server.start()
     try:
         ae = AE(ae_title="CT01")
@@ -121,6 +139,7 @@ def test_c_store__bad_object_gets_failure_status_with_reason(
     assert good_status.Status == 0x0000
     with archive.db.read_session() as session:
         assert [i.sop_instance_uid for i in session.scalars(select(Instance))] == [
-            good.SOPInstanceUID]
+            good.SOPInstanceUID
+        ]
         events = [e.event_type for e in session.scalars(select(AuditEvent))]
     assert events == ["instance-rejected", "instance-stored"]

@@ -18,13 +18,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port, require_tool
 from pydicom import dcmread
 from sqlalchemy import select
 
 from cloudfilm.archive.ingest import Archive
 from cloudfilm.archive.models import Instance
 from cloudfilm.config import Settings
+from conftest import free_port, require_tool
 
 ITERATIONS = int(os.environ.get("CLOUDFILM_CRASH_ITERATIONS", "4"))
 
@@ -39,7 +39,9 @@ def _server(settings: Settings, port: int) -> subprocess.Popen[bytes]:
         env["CLOUDFILM_DATABASE__URL"] = settings.database.url
     process = subprocess.Popen(
         [sys.executable, "-m", "cloudfilm", "serve", "--role", "dimse", "--dicom-port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -79,7 +81,8 @@ def test_kill_9_during_storescu__acknowledged_instances_survive(
         server = _server(settings, port)
         sender = subprocess.Popen(
             [storescu, "-v", "-aec", "CLOUDFILM", "127.0.0.1", str(port), *map(str, ct_files)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             env={**os.environ, "TCP_NODELAY": "1"},
         )
         delay = rng.uniform(0.05, 1.2)

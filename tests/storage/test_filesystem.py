@@ -43,8 +43,17 @@ def test_new_key__random_and_not_from_uids() -> None:
     assert all(len(k.rsplit("/", 1)[1]) == 36 for k in keys)  # 32 hex + ".dcm"
 
 
-@pytest.mark.parametrize("key", ["../etc/passwd", "/abs/path.dcm", "a/../../b.dcm",
-                                 "1.2.840.113619/x.dcm", "a\x00b.dcm", "A/B.dcm"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "../etc/passwd",
+        "/abs/path.dcm",
+        "a/../../b.dcm",
+        "1.2.840.113619/x.dcm",
+        "a\x00b.dcm",
+        "A/B.dcm",
+    ],
+)
 def test_put__refuses_keys_that_are_not_ours(backend: FilesystemBackend, key: str) -> None:
     with pytest.raises(ValueError, match="not a storage key"):
         backend.put(key, b"x")
@@ -54,8 +63,12 @@ def test_put__refuses_keys_that_are_not_ours(backend: FilesystemBackend, key: st
 def test_sweep_temporary__dead_writer_and_old_files(backend: FilesystemBackend) -> None:
     tmp = backend.root / "tmp"
     # A writer process that has exited: its partial file goes at once.
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     host = backend._host
     (tmp / f"{host}-{dead.stdout.strip()}-aaaa.part").write_bytes(b"partial")
     # Our own live writer: kept until it is too old.

@@ -31,8 +31,11 @@ CT_134 = "ct/pancreas_ct_cb_001_axial_134"
 def sample_data_dir() -> Path | None:
     """The shared sample-data folder, or ``None`` when this machine has none."""
     configured = os.environ.get("CLOUDFILM_SAMPLE_DATA")
-    candidates = [configured] if configured else [
-        "../shared/data", str(_SOURCE_TREE.parent / "shared" / "data")]
+    candidates = (
+        [configured]
+        if configured
+        else ["../shared/data", str(_SOURCE_TREE.parent / "shared" / "data")]
+    )
     for candidate in candidates:
         if candidate and (Path(candidate) / "MANIFEST.md").is_file():
             return Path(candidate).resolve()
@@ -64,19 +67,66 @@ class DemoPatient:
 
 
 DEMO_PATIENTS = (
-    DemoPatient("CF0001", "Zhang^Wei=张^伟", "M", "19650312", "ISO_IR 192", "A2026110001",
-                "上腹部CT平扫", (CT_134,)),
-    DemoPatient("CF0002", "Wang^Fang=王^芳", "F", "19781105", "GB18030", "A2026110002",
-                "头部CT（体模）", ("study_multiseries/ct_philips_head_phantom",)),
-    DemoPatient("CF0003", "Li^Na=李^娜", "F", "19900221", "ISO_IR 192", "A2026110003",
-                "头颅MR功能成像", ("mr/ge_epi_fmri_150img",)),
-    DemoPatient("CF0004", "Liu^Yang=刘^洋", "M", "19581130", "GB18030", "A2026110004",
-                "胸部正位片", ("radiograph/dx_fujifilm_small.dcm",)),
-    DemoPatient("CF0005", "Chen^Jing=陈^静", "F", "19850707", "ISO_IR 192", "A2026110005",
-                "静息十二导联心电图", ("waveform/ecg_12lead.dcm",)),
-    DemoPatient("CF0006", "Zhao^Lei=赵^磊", "M", "20010918", "ISO_IR 192", "A2026110006",
-                "腹部超声", ("color/us_rgb_nema_us1_uncompressed.dcm",
-                            "multiframe/us_palette_rle_10f.dcm")),
+    DemoPatient(
+        "CF0001",
+        "Zhang^Wei=张^伟",
+        "M",
+        "19650312",
+        "ISO_IR 192",
+        "A2026110001",
+        "上腹部CT平扫",
+        (CT_134,),
+    ),
+    DemoPatient(
+        "CF0002",
+        "Wang^Fang=王^芳",
+        "F",
+        "19781105",
+        "GB18030",
+        "A2026110002",
+        "头部CT（体模）",
+        ("study_multiseries/ct_philips_head_phantom",),
+    ),
+    DemoPatient(
+        "CF0003",
+        "Li^Na=李^娜",
+        "F",
+        "19900221",
+        "ISO_IR 192",
+        "A2026110003",
+        "头颅MR功能成像",
+        ("mr/ge_epi_fmri_150img",),
+    ),
+    DemoPatient(
+        "CF0004",
+        "Liu^Yang=刘^洋",
+        "M",
+        "19581130",
+        "GB18030",
+        "A2026110004",
+        "胸部正位片",
+        ("radiograph/dx_fujifilm_small.dcm",),
+    ),
+    DemoPatient(
+        "CF0005",
+        "Chen^Jing=陈^静",
+        "F",
+        "19850707",
+        "ISO_IR 192",
+        "A2026110005",
+        "静息十二导联心电图",
+        ("waveform/ecg_12lead.dcm",),
+    ),
+    DemoPatient(
+        "CF0006",
+        "Zhao^Lei=赵^磊",
+        "M",
+        "20010918",
+        "ISO_IR 192",
+        "A2026110006",
+        "腹部超声",
+        ("color/us_rgb_nema_us1_uncompressed.dcm", "multiframe/us_palette_rle_10f.dcm"),
+    ),
 )
 
 #: Bundled fallbacks (tests/data) when the shared sample folder is absent.
@@ -121,8 +171,9 @@ def encode(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def load_demo(archive: Archive, *, on_result: Callable[[IngestResult], None] | None = None
-              ) -> list[IngestResult]:
+def load_demo(
+    archive: Archive, *, on_result: Callable[[IngestResult], None] | None = None
+) -> list[IngestResult]:
     """Ingest the demo patients' studies (idempotent: a rerun finds duplicates)."""
     shared = sample_data_dir()
     actor = Actor.cli("cloudfilm demo")
@@ -143,7 +194,10 @@ def load_demo(archive: Archive, *, on_result: Callable[[IngestResult], None] | N
 
 
 def synthesize_large_ct(
-    source_dir: Path, count: int, *, patient_id: str = "CF1000",
+    source_dir: Path,
+    count: int,
+    *,
+    patient_id: str = "CF1000",
     name: str = "Zhou^Ming=周^明",
 ) -> Iterator[Dataset]:
     """Yield ``count`` CT slices interpolated along z from the slices in ``source_dir``.

@@ -7,12 +7,11 @@ sizes (a "zip bomb") cannot exhaust memory.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import zipfile
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-import multiprocessing
-from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,8 +78,7 @@ class ImportSummary:
         return Counter(reason for _, reason in self.rejected)
 
 
-def find_candidates(paths: Iterable[Path], max_bytes: int,
-                    skipped: list[tuple[str, str]]) -> Iterator[Candidate]:
+def find_candidates(paths: Iterable[Path], skipped: list[tuple[str, str]]) -> Iterator[Candidate]:
     """Every file under ``paths`` (folders recursively, ZIPs opened, DICOMDIRs followed)."""
     seen: set[Path] = set()
     for path in paths:
@@ -88,18 +86,17 @@ def find_candidates(paths: Iterable[Path], max_bytes: int,
             for dirpath, dirnames, filenames in os.walk(path):
                 dirnames.sort()
                 for name in sorted(filenames):
-                    yield from _from_file(Path(dirpath) / name, max_bytes, skipped, seen)
+                    yield from _from_file(Path(dirpath) / name, skipped, seen)
         elif path.exists():
             if path.name.upper() in _DICOMDIR_NAMES:
-                yield from _from_dicomdir(path, max_bytes, skipped, seen)
+                yield from _from_dicomdir(path, skipped, seen)
             else:
-                yield from _from_file(path, max_bytes, skipped, seen)
+                yield from _from_file(path, skipped, seen)
         else:
             skipped.append((str(path), "no such file or folder"))
 
 
-def _from_file(path: Path, max_bytes: int, skipped: list[tuple[str, str]],
-               seen: set[Path]) -> Iterator[Candidate]:
+def _from_file(path: Path, skipped: list[tuple[str, str]], seen: set[Path]) -> Iterator[Candidate]:
     resolved = path.resolve()
     if resolved in seen or path.name in _SKIP_NAMES or path.is_symlink() and path.is_dir():
         return
@@ -108,13 +105,14 @@ def _from_file(path: Path, max_bytes: int, skipped: list[tuple[str, str]],
         skipped.append((str(path), "DICOMDIR: the index of a file-set; its files are imported"))
         return
     if zipfile.is_zipfile(path) and path.suffix.lower() in (".zip", ""):
-        yield from _from_zip(path, max_bytes, skipped)
+        yield from _from_zip(path, skipped)
         return
     yield Candidate(str(path), None, path.stat().st_size)
 
 
-def _from_dicomdir(path: Path, max_bytes: int, skipped: list[tuple[str, str]],
-                   seen: set[Path]) -> Iterator[Candidate]:
+def _from_dicomdir(
+    path: Path, skipped: list[tuple[str, str]], seen: set[Path]
+) -> Iterator[Candidate]:
     from pydicom import dcmread
     from pydicom.fileset import FileSet
 
@@ -122,13 +120,13 @@ def _from_dicomdir(path: Path, max_bytes: int, skipped: list[tuple[str, str]],
         fileset = FileSet(dcmread(path))
     except Exception as exc:  # noqa: BLE001 - a broken DICOMDIR: import its folder instead
         skipped.append((str(path), f"DICOMDIR unreadable ({exc}); importing its folder"))
-        yield from find_candidates([path.parent], max_bytes, skipped)
+        yield from find_candidates([path.parent], skipped)
         return
     for instance in fileset:
-        yield from _from_file(Path(instance.path), max_bytes, skipped, seen)
+        yield from _from_file(Path(instance.path), skipped, seen)
 
 
-def _from_zip(path: Path, max_bytes: int, skipped: list[tuple[str, str]]) -> Iterator[Candidate]:
+def _from_zip(path: Path, skipped: list[tuple[str, str]]) -> Iterator[Candidate]:
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -159,14 +157,16 @@ def import_paths(
     each with its own connection to the index (parsing DICOM is CPU-bound Python).
     """
     summary = ImportSummary()
-    candidates = find_candidates(paths, archive.limits.max_object_bytes, summary.skipped)
+    candidates = find_candidates(paths, summary.skipped)
     if processes <= 1:
         for candidate in candidates:
             _drain(candidate, _ingest(archive, actor, candidate), summary, on_result)
         return summary
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(
-        max_workers=processes, mp_context=context, initializer=_worker_init,
+        max_workers=processes,
+        mp_context=context,
+        initializer=_worker_init,
         initargs=(archive.settings, actor),
     ) as pool:
         pending: deque[tuple[Candidate, Future[IngestResult]]] = deque()
@@ -203,8 +203,12 @@ def _worker_ingest(candidate: Candidate) -> IngestResult:
     return _ingest(_worker[0], _worker[1], candidate)
 
 
-def _drain(candidate: Candidate, result: IngestResult, summary: ImportSummary,
-           on_result: Callable[[Candidate, IngestResult], None] | None) -> None:
+def _drain(
+    candidate: Candidate,
+    result: IngestResult,
+    summary: ImportSummary,
+    on_result: Callable[[Candidate, IngestResult], None] | None,
+) -> None:
     summary.add(candidate.label, result, candidate.size)
     if on_result is not None:
         on_result(candidate, result)

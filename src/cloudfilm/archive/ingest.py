@@ -74,8 +74,9 @@ _OUTCOMES: dict[service.StoreOutcome, tuple[IngestStatus, str | None]] = {
 class Archive:
     """The archive of one process: index database, storage and the ingest pipeline."""
 
-    def __init__(self, settings: Settings, db: Database | None = None,
-                 storage: StorageBackend | None = None) -> None:
+    def __init__(
+        self, settings: Settings, db: Database | None = None, storage: StorageBackend | None = None
+    ) -> None:
         self.settings = settings
         self.db = db or Database(settings)
         self.storage = storage or open_backend(settings.storage_url, fsync=settings.storage.fsync)
@@ -117,8 +118,9 @@ class Archive:
         known = self._known_checksum(parsed.sop_instance_uid)
         if known == digest:
             self._record_duplicate(parsed, actor)
-            return self._result(IngestStatus.DUPLICATE, parsed, _OUTCOMES[
-                service.StoreOutcome.DUPLICATE][1])
+            return self._result(
+                IngestStatus.DUPLICATE, parsed, _OUTCOMES[service.StoreOutcome.DUPLICATE][1]
+            )
 
         record = service.describe(parsed)
         key = new_key()
@@ -129,8 +131,10 @@ class Archive:
         except BaseException:
             self.storage.delete(key)
             raise
-        if result.outcome in (service.StoreOutcome.DUPLICATE,
-                              service.StoreOutcome.DUPLICATE_KEPT_FIRST):
+        if result.outcome in (
+            service.StoreOutcome.DUPLICATE,
+            service.StoreOutcome.DUPLICATE_KEPT_FIRST,
+        ):
             self.storage.delete(key)
         if result.replaced_key:
             self.storage.delete(result.replaced_key)
@@ -138,10 +142,12 @@ class Archive:
         return self._result(status, parsed, reason)
 
     @staticmethod
-    def _result(status: IngestStatus, parsed: ParsedInstance, reason: str | None = None
-                ) -> IngestResult:
-        return IngestResult(status, parsed.sop_instance_uid, parsed.study_instance_uid, reason,
-                            parsed.notes)
+    def _result(
+        status: IngestStatus, parsed: ParsedInstance, reason: str | None = None
+    ) -> IngestResult:
+        return IngestResult(
+            status, parsed.sop_instance_uid, parsed.study_instance_uid, reason, parsed.notes
+        )
 
     def _known_checksum(self, sop_instance_uid: str) -> str | None:
         with self.db.read_session() as session:
@@ -149,8 +155,9 @@ class Archive:
                 select(Instance.checksum).where(Instance.sop_instance_uid == sop_instance_uid)
             )
 
-    def _index(self, record: service.IndexRecord, stored: service.StoredObject, actor: Actor
-               ) -> service.StoreResult:
+    def _index(
+        self, record: service.IndexRecord, stored: service.StoredObject, actor: Actor
+    ) -> service.StoreResult:
         """Run :func:`service.store_instance` in its own transaction, retrying races."""
         delay = 0.01
         for attempt in range(1, _RETRIES + 1):

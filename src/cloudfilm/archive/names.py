@@ -30,8 +30,8 @@ def to_pinyin(text: str) -> tuple[str, str]:
     >>> to_pinyin("王^小东")
     ('wang^xiaodong', 'wxd')
     """
-    components = []
-    initials = []
+    components: list[str] = []
+    initials: list[str] = []
     for component in text.split("^"):
         syllables = [s.lower() for s in lazy_pinyin(component.strip(), errors="ignore") if s]
         syllables = [s for s in syllables if s.isalpha()]

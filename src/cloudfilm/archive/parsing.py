@@ -31,6 +31,7 @@ from pydicom.charset import python_encoding
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import Tag
@@ -131,19 +132,18 @@ def parse_instance(
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ts
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.TransferSyntaxUID = UID(ts)
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     if source_aet:
         meta.SourceApplicationEntityTitle = source_aet.strip()[:16]
-    head = io.BytesIO()
-    head.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(head, meta, enforce_standard=True)
-    offset = head.tell()
-    blob = head.getvalue() + dataset_bytes
+    head = _part10_header(meta, enforce_standard=True)
+    offset = len(head)
+    blob = head + dataset_bytes
     ds.file_meta = meta
-    return ParsedInstance(blob=blob, dataset_offset=offset, ds=ds, transfer_syntax_uid=ts,
-                          notes=notes)
+    return ParsedInstance(
+        blob=blob, dataset_offset=offset, ds=ds, transfer_syntax_uid=ts, notes=notes
+    )
 
 
 def _split_dataset(
@@ -180,6 +180,14 @@ def _split_dataset(
     return data, _guess_encoding(data, "not DICOM: no preamble and 'DICM' prefix")
 
 
+def _part10_header(meta: FileMetaDataset, *, enforce_standard: bool) -> bytes:
+    """Preamble, ``DICM`` and the File Meta Information group (PS3.10 7.1)."""
+    head = DicomBytesIO()
+    head.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(head, meta, enforce_standard=enforce_standard)
+    return head.getvalue()
+
+
 def _guess_encoding(dataset_bytes: bytes, problem: str) -> str:
     """Recognise the encoding of a bare data set from its first element (PS3.5 7.1)."""
     if len(dataset_bytes) < 8:
@@ -199,11 +207,9 @@ def _guess_encoding(dataset_bytes: bytes, problem: str) -> str:
 
 def _read_dataset(dataset_bytes: bytes, ts: str) -> Dataset:
     meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ts
-    head = io.BytesIO()
-    head.write(b"\x00" * 128 + b"DICM")
+    meta.TransferSyntaxUID = UID(ts)
     try:
-        write_file_meta_info(head, meta, enforce_standard=False)
+        head = _part10_header(meta, enforce_standard=False)
     except (ValueError, AttributeError) as exc:
         raise InvalidDicom(f"unusable Transfer Syntax UID {ts!r}") from exc
     uid = UID(ts)
@@ -213,9 +219,18 @@ def _read_dataset(dataset_bytes: bytes, ts: str) -> Dataset:
             "to use Explicit VR Little Endian"
         )
     try:
-        ds = dcmread(io.BytesIO(head.getvalue() + dataset_bytes))
-    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError,
-            NotImplementedError, OverflowError, MemoryError) as exc:
+        ds = dcmread(io.BytesIO(head + dataset_bytes))
+    except (
+        InvalidDicomError,
+        OSError,
+        EOFError,
+        ValueError,
+        KeyError,
+        TypeError,
+        NotImplementedError,
+        OverflowError,
+        MemoryError,
+    ) as exc:
         raise InvalidDicom(f"the data set cannot be read: {exc}") from exc
     if len(ds) == 0:
         raise InvalidDicom(

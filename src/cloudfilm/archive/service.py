@@ -130,7 +130,9 @@ def dicom_json(ds: Dataset) -> str:
     return orjson.dumps(data).decode()
 
 
-def _insert_ignore(session: Session, model: type[Any], values: dict[str, Any], keys: list[str]) -> None:
+def _insert_ignore(
+    session: Session, model: type[Any], values: dict[str, Any], keys: list[str]
+) -> None:
     """INSERT ... ON CONFLICT DO NOTHING: safe when another transaction creates the same row."""
     dialect = session.get_bind().dialect.name
     insert_fn = postgresql.insert if dialect == "postgresql" else sqlite.insert
@@ -346,9 +348,7 @@ def store_instance(
         instance = existing
         outcome = StoreOutcome.REPLACED
     else:
-        instance = Instance(
-            **instance_values, series_pk=series.id, created_at=now, updated_at=now
-        )
+        instance = Instance(**instance_values, series_pk=series.id, created_at=now, updated_at=now)
         instance.metadata_row = InstanceMetadata(dicom_json=metadata_json)
         session.add(instance)
         outcome = StoreOutcome.STORED
@@ -370,11 +370,14 @@ def store_instance(
             select(Series.modality).where(Series.study_pk == study.id).distinct()
         ).all()
         study.modalities_in_study = "\\".join(sorted(m for m in modalities if m))[:160]
-        study.number_of_series = session.scalar(
-            select(func.count()).select_from(Series).where(
-                Series.study_pk == study.id, Series.number_of_instances > 0
+        study.number_of_series = (
+            session.scalar(
+                select(func.count())
+                .select_from(Series)
+                .where(Series.study_pk == study.id, Series.number_of_instances > 0)
             )
-        ) or 0
+            or 0
+        )
 
     changed = {k: v for k, v in patient_values.items() if v and getattr(patient, k) != v}
     if changed:

@@ -42,7 +42,7 @@ _RJ_CALLING_AE = (0x01, 0x01, 0x03)
 _RJ_CALLED_AE = (0x01, 0x01, 0x07)
 
 
-class _NoDelayServer(ThreadedAssociationServer):  # type: ignore[misc]
+class _NoDelayServer(ThreadedAssociationServer):
     """Associations with TCP_NODELAY: without it a DIMSE response waits ~40 ms for the
     peer's delayed ACK (Nagle), which caps a C-STORE stream at ~25 objects/s."""
 
@@ -66,6 +66,7 @@ class DIMSEServer:
         self.ae.dimse_timeout = settings.network_timeout
         self.ae.require_called_aet = settings.require_called_ae_title
         for context in AllStoragePresentationContexts:
+            assert context.abstract_syntax is not None
             self.ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         self.ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         self._server: ThreadedAssociationServer | None = None
@@ -79,16 +80,17 @@ class DIMSEServer:
     def start(self, host: str | None = None, port: int | None = None) -> None:
         """Listen in a background thread."""
         address = (host or self.settings.host, self.settings.port if port is None else port)
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._server = self.ae.make_server(address, evt_handlers=handlers,
-                                           server_class=_NoDelayServer)
-        self.ae._servers.append(self._server)  # as AE.start_server does; shutdown() expects it
+        server = self.ae.make_server(address, evt_handlers=handlers, server_class=_NoDelayServer)
+        assert server is not None
+        self.ae._servers.append(server)  # as AE.start_server does; shutdown() expects it
+        self._server = server
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name=f"dimse-{address[1]}", daemon=True
+            target=server.serve_forever, name=f"dimse-{address[1]}", daemon=True
         )
         self._thread.start()
         logger.info("DICOM listener %s on %s:%d", self.settings.ae_title, address[0], self.port)
@@ -105,6 +107,7 @@ class DIMSEServer:
     def _on_requested(self, event: evt.Event) -> None:
         """Reject callers not in the node table (A-ASSOCIATE-RJ), and audit it."""
         primitive = event.assoc.requestor.primitive
+        assert primitive is not None  # EVT_REQUESTED fires after the A-ASSOCIATE-RQ arrived
         calling = primitive.calling_ae_title.strip()
         called = primitive.called_ae_title.strip()
         address = event.assoc.requestor.address

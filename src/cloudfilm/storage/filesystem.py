@@ -168,5 +168,3 @@ def _unavailable(exc: OSError, what: str) -> StorageUnavailable:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StorageUnavailable(f"storage is full; could not {what} (free space or add a tier)")
     return StorageUnavailable(f"storage {what} failed: {exc.strerror or exc}")
-
-
