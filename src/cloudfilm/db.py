@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import URL, Engine, MetaData, create_engine, event, make_url
+from sqlalchemy import URL, Connection, Engine, MetaData, create_engine, event, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from cloudfilm.config import Settings
@@ -109,6 +109,12 @@ class Database:
         """A read-only transaction; it never takes the SQLite write lock."""
         with self.read_factory() as session:
             yield session
+
+    @contextmanager
+    def read_connection(self) -> Iterator[Connection]:
+        """A read-only Core connection, for hot paths that need no ORM session."""
+        with self._readonly_engine.connect() as conn:
+            yield conn
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from cloudfilm.archive import service
@@ -37,6 +37,7 @@ from cloudfilm.storage import StorageBackend, new_key, open_backend
 logger = logging.getLogger(__name__)
 
 _RETRIES = 5
+_KNOWN_CHECKSUM = select(Instance.checksum).where(Instance.sop_instance_uid == bindparam("uid"))
 
 
 class IngestStatus(StrEnum):
@@ -150,10 +151,8 @@ class Archive:
         )
 
     def _known_checksum(self, sop_instance_uid: str) -> str | None:
-        with self.db.read_session() as session:
-            return session.scalar(
-                select(Instance.checksum).where(Instance.sop_instance_uid == sop_instance_uid)
-            )
+        with self.db.read_connection() as conn:
+            return conn.execute(_KNOWN_CHECKSUM, {"uid": sop_instance_uid}).scalar()
 
     def _index(
         self, record: service.IndexRecord, stored: service.StoredObject, actor: Actor

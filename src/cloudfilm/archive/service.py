@@ -6,14 +6,26 @@ import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, cast
 
 import orjson
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
-from sqlalchemy import func, select
+from sqlalchemy import (
+    Connection,
+    RowMapping,
+    Select,
+    Table,
+    bindparam,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from cloudfilm.archive.dicom_json import dataset_json
 from cloudfilm.archive.models import Instance, InstanceMetadata, Patient, Series, Study
 from cloudfilm.archive.names import name_forms
 from cloudfilm.archive.parsing import ParsedInstance
@@ -21,8 +33,7 @@ from cloudfilm.audit import service as audit
 from cloudfilm.audit.enums import AuditAction, AuditEventType, AuditOutcome
 from cloudfilm.audit.service import Actor
 from cloudfilm.config import DuplicatePolicy
-
-_Row = TypeVar("_Row", Patient, Study, Series)
+from cloudfilm.db import Base
 
 #: Binary values longer than this are left out of the stored JSON and referenced instead.
 BULK_DATA_THRESHOLD = 1024
@@ -78,14 +89,15 @@ class IndexRecord:
 
 
 def describe(parsed: ParsedInstance) -> IndexRecord:
-    """Extract the index columns and the DICOM JSON of ``parsed``."""
-    ds = parsed.ds
+    """Extract the DICOM JSON of ``parsed`` and the index columns (from that JSON)."""
+    data = dicom_json(parsed.ds)
+    header = _Header(data)
     return IndexRecord(
-        patient=_patient_values(ds),
-        study=_study_values(ds),
-        series=_series_values(ds),
-        instance=_instance_values(parsed),
-        dicom_json=dicom_json(ds),
+        patient=_patient_values(header),
+        study=_study_values(header),
+        series=_series_values(header),
+        instance=_instance_values(header, parsed.transfer_syntax_uid),
+        dicom_json=orjson.dumps(data).decode(),
         notes=tuple(parsed.notes),
     )
 
@@ -98,144 +110,235 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _text(ds: Dataset, keyword: str, length: int) -> str:
-    try:
-        value = ds.get(keyword)
-    except Exception:  # noqa: BLE001 - unreadable values index as empty; the blob keeps them
-        return ""
-    if value is None:
-        return ""
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        value = "\\".join(str(v) for v in value)
-    return str(value).strip()[:length]
+class _Header:
+    """Index values read from the instance's DICOM JSON (already decoded, no pydicom calls)."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+
+    def _values(self, keyword: str) -> list[Any]:
+        element = self.data.get(_TAGS[keyword])
+        return list(element.get("Value") or []) if element else []
+
+    def text(self, keyword: str, length: int) -> str:
+        values = self._values(keyword)
+        if values and isinstance(values[0], dict):  # PN: groups joined as in DICOM
+            values = [_person_name(v) for v in values]
+        joined = "\\".join("" if v is None else str(v) for v in values)
+        return joined.strip()[:length]
+
+    def int(self, keyword: str) -> int | None:
+        values = self._values(keyword)
+        try:
+            return int(values[0]) if values and values[0] is not None else None
+        except (TypeError, ValueError, OverflowError):
+            return None
 
 
-def _int(ds: Dataset, keyword: str) -> int | None:
-    try:
-        value = ds.get(keyword)
-        return None if value is None or value == "" else int(value)
-    except (TypeError, ValueError, OverflowError):
-        return None
-    except Exception:  # noqa: BLE001
-        return None
+def _person_name(value: dict[str, str]) -> str:
+    groups = [value.get(g, "") for g in ("Alphabetic", "Ideographic", "Phonetic")]
+    return "=".join(groups).rstrip("=")
 
 
-def dicom_json(ds: Dataset) -> str:
-    """PS3.18 F.2 JSON of ``ds``; bulk data as relative ``BulkDataURI`` (``bulkdata/TTTTTTTT``)."""
-    data = ds.to_json_dict(
-        bulk_data_threshold=BULK_DATA_THRESHOLD,
-        bulk_data_element_handler=lambda elem: f"bulkdata/{elem.tag:08X}",
-        suppress_invalid_tags=True,
+_TAGS = {
+    keyword: f"{tag_for_keyword(keyword):08X}"
+    for keyword in (
+        "PatientID",
+        "IssuerOfPatientID",
+        "PatientName",
+        "PatientSex",
+        "PatientBirthDate",
+        "StudyInstanceUID",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "StudyID",
+        "StudyDescription",
+        "ReferringPhysicianName",
+        "InstitutionName",
+        "SeriesInstanceUID",
+        "Modality",
+        "SeriesNumber",
+        "SeriesDescription",
+        "SeriesDate",
+        "SeriesTime",
+        "BodyPartExamined",
+        "StationName",
+        "Manufacturer",
+        "PerformedProcedureStepStartDate",
+        "SOPInstanceUID",
+        "SOPClassUID",
+        "InstanceNumber",
+        "Rows",
+        "Columns",
+        "NumberOfFrames",
+        "BitsAllocated",
+        "BitsStored",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+        "ContentDate",
+        "ContentTime",
+        "PixelData",
+        "FloatPixelData",
+        "DoubleFloatPixelData",
     )
-    return orjson.dumps(data).decode()
+}
 
 
-def _insert_ignore(
-    session: Session, model: type[Any], values: dict[str, Any], keys: list[str]
-) -> None:
-    """INSERT ... ON CONFLICT DO NOTHING: safe when another transaction creates the same row."""
-    dialect = session.get_bind().dialect.name
-    insert_fn = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert_fn(model).values(**values).on_conflict_do_nothing(index_elements=keys)
-    session.execute(stmt)
+def dicom_json(ds: Dataset) -> dict[str, Any]:
+    """PS3.18 F.2 JSON of ``ds``; bulk data as relative ``BulkDataURI`` (``bulkdata/TTTTTTTT``)."""
+    return dataset_json(
+        ds, threshold=BULK_DATA_THRESHOLD, bulk_uri=lambda tag: f"bulkdata/{tag:08X}"
+    )
+
+
+_PATIENT = cast(Table, Patient.__table__)
+_STUDY = cast(Table, Study.__table__)
+_SERIES = cast(Table, Series.__table__)
+_INSTANCE = cast(Table, Instance.__table__)
+_METADATA = cast(Table, InstanceMetadata.__table__)
+
+# Statements built once: per-image work must not pay SQLAlchemy's statement construction.
+_SELECT_PATIENT = select(_PATIENT).where(
+    _PATIENT.c.patient_id == bindparam("patient_id"),
+    _PATIENT.c.issuer_of_patient_id == bindparam("issuer_of_patient_id"),
+)
+_SELECT_STUDY = (
+    select(_STUDY)
+    .where(_STUDY.c.study_instance_uid == bindparam("study_instance_uid"))
+    .with_for_update()
+)
+_SELECT_SERIES = select(_SERIES).where(
+    _SERIES.c.series_instance_uid == bindparam("series_instance_uid")
+)
+_SELECT_INSTANCE = (
+    select(
+        _INSTANCE.c.id,
+        _INSTANCE.c.checksum,
+        _INSTANCE.c.series_pk,
+        _INSTANCE.c.byte_size,
+        _INSTANCE.c.storage_key,
+    )
+    .where(_INSTANCE.c.sop_instance_uid == bindparam("sop_instance_uid"))
+    .with_for_update()
+)
+_INSERT_INSTANCE = insert(_INSTANCE).returning(_INSTANCE.c.id)
+_INSERT_METADATA = insert(_METADATA)
+_COUNT_SERIES = (
+    update(_SERIES)
+    .where(_SERIES.c.id == bindparam("pk"))
+    .values(
+        number_of_instances=_SERIES.c.number_of_instances + bindparam("delta"),
+        total_bytes=_SERIES.c.total_bytes + bindparam("bytes"),
+        updated_at=bindparam("now"),
+    )
+    .returning(_SERIES.c.study_pk)
+)
+_COUNT_STUDY = (
+    update(_STUDY)
+    .where(_STUDY.c.id == bindparam("pk"))
+    .values(
+        number_of_instances=_STUDY.c.number_of_instances + bindparam("delta"),
+        total_bytes=_STUDY.c.total_bytes + bindparam("bytes"),
+        updated_at=bindparam("now"),
+    )
+)
 
 
 def _get_or_create(
-    session: Session,
-    model: type[_Row],
+    conn: Connection,
+    model: type[Base],
+    query: Select[Any],
     key: dict[str, Any],
     values: dict[str, Any],
-    *,
-    lock: bool = False,
-) -> _Row:
-    """The row matching ``key``, created from ``values`` when missing (race-safe)."""
-    stmt = select(model).filter_by(**key)
-    if lock:
-        stmt = stmt.with_for_update()
-    row = session.scalars(stmt).one_or_none()
+) -> RowMapping:
+    """The row matching ``key`` (as a mapping), created from ``values`` when missing.
+
+    Race-safe: a concurrent transaction that creates the same row first makes our INSERT
+    a no-op (ON CONFLICT DO NOTHING), and the second SELECT finds its row.
+    """
+    row = conn.execute(query, key).mappings().one_or_none()
     if row is None:
-        _insert_ignore(session, model, values, list(key))
-        row = session.scalars(stmt).one()
+        dialect = conn.dialect.name
+        insert_fn = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        conn.execute(
+            insert_fn(cast(Table, model.__table__))
+            .values(**values)
+            .on_conflict_do_nothing(index_elements=list(key))
+        )
+        row = conn.execute(query, key).mappings().one()
     return row
 
 
-def _patient_values(ds: Dataset) -> dict[str, Any]:
-    names = name_forms(_patient_name(ds))
+def _blanks(row: RowMapping, values: dict[str, Any]) -> dict[str, Any]:
+    """Attributes that earlier instances left empty and this one fills; never overwrite."""
+    return {k: v for k, v in values.items() if v not in ("", None) and row[k] in ("", None)}
+
+
+def _patient_values(h: _Header) -> dict[str, Any]:
+    names = name_forms(h.text("PatientName", 400))
     return {
-        "patient_id": _text(ds, "PatientID", 64),
-        "issuer_of_patient_id": _text(ds, "IssuerOfPatientID", 64),
+        "patient_id": h.text("PatientID", 64),
+        "issuer_of_patient_id": h.text("IssuerOfPatientID", 64),
         "patient_name": names.full[:400],
         "patient_name_alphabetic": names.alphabetic[:200],
         "patient_name_ideographic": names.ideographic[:200],
         "patient_name_phonetic": names.phonetic[:200],
         "patient_name_pinyin": names.pinyin[:400],
         "patient_name_initials": names.initials[:64],
-        "patient_sex": _text(ds, "PatientSex", 16),
-        "patient_birth_date": _text(ds, "PatientBirthDate", 8),
+        "patient_sex": h.text("PatientSex", 16),
+        "patient_birth_date": h.text("PatientBirthDate", 8),
     }
 
 
-def _patient_name(ds: Dataset) -> str:
-    try:
-        return str(ds.get("PatientName", "") or "")
-    except Exception:  # noqa: BLE001
-        return ""
-
-
-def _study_values(ds: Dataset) -> dict[str, Any]:
+def _study_values(h: _Header) -> dict[str, Any]:
     return {
-        "study_instance_uid": str(ds.StudyInstanceUID),
-        "study_date": _text(ds, "StudyDate", 8),
-        "study_time": _text(ds, "StudyTime", 16),
-        "accession_number": _text(ds, "AccessionNumber", 16),
-        "study_id": _text(ds, "StudyID", 16),
-        "study_description": _text(ds, "StudyDescription", 64),
-        "referring_physician_name": _text(ds, "ReferringPhysicianName", 400),
-        "institution_name": _text(ds, "InstitutionName", 64),
+        "study_instance_uid": h.text("StudyInstanceUID", 64),
+        "study_date": h.text("StudyDate", 8),
+        "study_time": h.text("StudyTime", 16),
+        "accession_number": h.text("AccessionNumber", 16),
+        "study_id": h.text("StudyID", 16),
+        "study_description": h.text("StudyDescription", 64),
+        "referring_physician_name": h.text("ReferringPhysicianName", 400),
+        "institution_name": h.text("InstitutionName", 64),
     }
 
 
-def _series_values(ds: Dataset) -> dict[str, Any]:
+def _series_values(h: _Header) -> dict[str, Any]:
     return {
-        "series_instance_uid": str(ds.SeriesInstanceUID),
-        "modality": _text(ds, "Modality", 16),
-        "series_number": _int(ds, "SeriesNumber"),
-        "series_description": _text(ds, "SeriesDescription", 64),
-        "series_date": _text(ds, "SeriesDate", 8),
-        "series_time": _text(ds, "SeriesTime", 16),
-        "body_part_examined": _text(ds, "BodyPartExamined", 16),
-        "station_name": _text(ds, "StationName", 16),
-        "institution_name": _text(ds, "InstitutionName", 64),
-        "manufacturer": _text(ds, "Manufacturer", 64),
-        "performed_procedure_step_start_date": _text(ds, "PerformedProcedureStepStartDate", 8),
+        "series_instance_uid": h.text("SeriesInstanceUID", 64),
+        "modality": h.text("Modality", 16),
+        "series_number": h.int("SeriesNumber"),
+        "series_description": h.text("SeriesDescription", 64),
+        "series_date": h.text("SeriesDate", 8),
+        "series_time": h.text("SeriesTime", 16),
+        "body_part_examined": h.text("BodyPartExamined", 16),
+        "station_name": h.text("StationName", 16),
+        "institution_name": h.text("InstitutionName", 64),
+        "manufacturer": h.text("Manufacturer", 64),
+        "performed_procedure_step_start_date": h.text("PerformedProcedureStepStartDate", 8),
     }
 
 
-def _instance_values(parsed: ParsedInstance) -> dict[str, Any]:
-    ds = parsed.ds
-    has_pixels = "PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds
+def _instance_values(h: _Header, transfer_syntax_uid: str) -> dict[str, Any]:
+    has_pixels = any(
+        _TAGS[k] in h.data for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+    )
     return {
-        "sop_instance_uid": str(ds.SOPInstanceUID),
-        "sop_class_uid": str(ds.SOPClassUID),
-        "instance_number": _int(ds, "InstanceNumber"),
-        "transfer_syntax_uid": parsed.transfer_syntax_uid,
-        "rows": _int(ds, "Rows"),
-        "columns": _int(ds, "Columns"),
-        "number_of_frames": (_int(ds, "NumberOfFrames") or 1) if has_pixels else None,
-        "bits_allocated": _int(ds, "BitsAllocated"),
-        "bits_stored": _int(ds, "BitsStored"),
-        "samples_per_pixel": _int(ds, "SamplesPerPixel"),
-        "photometric_interpretation": _text(ds, "PhotometricInterpretation", 16),
-        "content_date": _text(ds, "ContentDate", 8),
-        "content_time": _text(ds, "ContentTime", 16),
+        "sop_instance_uid": h.text("SOPInstanceUID", 64),
+        "sop_class_uid": h.text("SOPClassUID", 64),
+        "instance_number": h.int("InstanceNumber"),
+        "transfer_syntax_uid": transfer_syntax_uid,
+        "rows": h.int("Rows"),
+        "columns": h.int("Columns"),
+        "number_of_frames": (h.int("NumberOfFrames") or 1) if has_pixels else None,
+        "bits_allocated": h.int("BitsAllocated"),
+        "bits_stored": h.int("BitsStored"),
+        "samples_per_pixel": h.int("SamplesPerPixel"),
+        "photometric_interpretation": h.text("PhotometricInterpretation", 16),
+        "content_date": h.text("ContentDate", 8),
+        "content_time": h.text("ContentTime", 16),
     }
-
-
-def _fill_blanks(row: Any, values: dict[str, Any]) -> None:
-    """Complete attributes that earlier instances left empty; never overwrite."""
-    for name, value in values.items():
-        if value not in ("", None) and getattr(row, name) in ("", None):
-            setattr(row, name, value)
 
 
 def get_instance(*, session: Session, sop_instance_uid: str) -> Instance | None:
@@ -262,42 +365,37 @@ def store_instance(
 
     Safe under concurrency: parents are created with INSERT ... ON CONFLICT DO NOTHING,
     and the study row is locked before counters change, so ingests into one study
-    serialise from that point while other studies proceed.
+    serialise from that point while other studies proceed. Core statements, not ORM
+    units of work: this runs once per image.
     """
     now = _now()
-    patient_values = record.patient
-    patient_key = {k: patient_values[k] for k in ("patient_id", "issuer_of_patient_id")}
+    conn = session.connection()
+    patient_key = {k: record.patient[k] for k in ("patient_id", "issuer_of_patient_id")}
     patient = _get_or_create(
-        session, Patient, patient_key, {**patient_values, "created_at": now, "updated_at": now}
+        conn,
+        Patient,
+        _SELECT_PATIENT,
+        patient_key,
+        {**record.patient, "created_at": now, "updated_at": now},
     )
-    study_values = record.study
+    study_key = {"study_instance_uid": record.study["study_instance_uid"]}
     study = _get_or_create(
-        session,
+        conn,
         Study,
-        {"study_instance_uid": study_values["study_instance_uid"]},
-        {**study_values, "patient_pk": patient.id, "created_at": now, "updated_at": now},
-        lock=True,
+        _SELECT_STUDY,
+        study_key,
+        {**record.study, "patient_pk": patient["id"], "created_at": now, "updated_at": now},
     )
-    series_values = record.series
+    series_key = {"series_instance_uid": record.series["series_instance_uid"]}
     series = _get_or_create(
-        session,
+        conn,
         Series,
-        {"series_instance_uid": series_values["series_instance_uid"]},
-        {**series_values, "study_pk": study.id, "created_at": now, "updated_at": now},
+        _SELECT_SERIES,
+        series_key,
+        {**record.series, "study_pk": study["id"], "created_at": now, "updated_at": now},
     )
-    new_series = series.number_of_instances == 0
-
-    instance_values = {
-        **record.instance,
-        "byte_size": stored.size,
-        "checksum": stored.checksum,
-        "storage_name": stored.storage_name,
-        "storage_key": stored.key,
-    }
-    existing = session.scalars(
-        select(Instance)
-        .where(Instance.sop_instance_uid == instance_values["sop_instance_uid"])
-        .with_for_update()
+    existing = conn.execute(
+        _SELECT_INSTANCE, {"sop_instance_uid": record.sop_instance_uid}
     ).one_or_none()
 
     audit_common: dict[str, Any] = {
@@ -305,8 +403,8 @@ def store_instance(
         "actor": actor,
         "object_type": "instance",
         "object_id": record.sop_instance_uid,
-        "patient_id": patient.patient_id,
-        "study_instance_uid": study.study_instance_uid,
+        "patient_id": patient["patient_id"],
+        "study_instance_uid": study["study_instance_uid"],
     }
     if existing is not None and existing.checksum == stored.checksum:
         audit.record(
@@ -328,62 +426,71 @@ def store_instance(
         )
         return StoreResult(StoreOutcome.DUPLICATE_KEPT_FIRST, existing.id)
 
-    metadata_json = record.dicom_json
+    columns = {
+        **record.instance,
+        "byte_size": stored.size,
+        "checksum": stored.checksum,
+        "storage_name": stored.storage_name,
+        "storage_key": stored.key,
+        "series_pk": series["id"],
+        "updated_at": now,
+    }
     replaced_key = None
     if existing is not None:
-        old_series = session.get(Series, existing.series_pk)
-        assert old_series is not None
-        old_study = session.get(Study, old_series.study_pk)
-        assert old_study is not None
-        old_series.number_of_instances -= 1
-        old_series.total_bytes -= existing.byte_size
-        old_study.number_of_instances -= 1
-        old_study.total_bytes -= existing.byte_size
+        old_study = conn.execute(
+            _COUNT_SERIES,
+            {"pk": existing.series_pk, "delta": -1, "bytes": -existing.byte_size, "now": now},
+        ).scalar_one()
+        conn.execute(
+            _COUNT_STUDY,
+            {"pk": old_study, "delta": -1, "bytes": -existing.byte_size, "now": now},
+        )
+        conn.execute(update(_INSTANCE).where(_INSTANCE.c.id == existing.id).values(**columns))
+        conn.execute(
+            update(_METADATA)
+            .where(_METADATA.c.instance_pk == existing.id)
+            .values(dicom_json=record.dicom_json)
+        )
+        instance_id = existing.id
         replaced_key = existing.storage_key
-        for name, value in instance_values.items():
-            setattr(existing, name, value)
-        existing.series_pk = series.id
-        existing.updated_at = now
-        existing.metadata_row.dicom_json = metadata_json
-        instance = existing
         outcome = StoreOutcome.REPLACED
     else:
-        instance = Instance(**instance_values, series_pk=series.id, created_at=now, updated_at=now)
-        instance.metadata_row = InstanceMetadata(dicom_json=metadata_json)
-        session.add(instance)
+        instance_id = conn.execute(_INSERT_INSTANCE, {**columns, "created_at": now}).scalar_one()
+        conn.execute(
+            _INSERT_METADATA, {"instance_pk": instance_id, "dicom_json": record.dicom_json}
+        )
         outcome = StoreOutcome.STORED
 
-    series.number_of_instances += 1
-    series.total_bytes += stored.size
-    series.updated_at = now
-    _fill_blanks(series, series_values)
-
-    study.number_of_instances += 1
-    study.total_bytes += stored.size
-    study.updated_at = now
-    _fill_blanks(study, study_values)
+    new_series = series["number_of_instances"] == 0
+    conn.execute(_COUNT_SERIES, {"pk": series["id"], "delta": 1, "bytes": stored.size, "now": now})
+    conn.execute(_COUNT_STUDY, {"pk": study["id"], "delta": 1, "bytes": stored.size, "now": now})
+    if blanks := _blanks(series, record.series):
+        conn.execute(update(_SERIES).where(_SERIES.c.id == series["id"]).values(**blanks))
+    study_changes = _blanks(study, record.study)
     if new_series or outcome is StoreOutcome.REPLACED:
-        # Series counts changed: recompute the study's series-level summaries. The study
-        # row is locked, so no other ingest into this study runs between flush and query.
-        session.flush()
-        modalities = session.scalars(
-            select(Series.modality).where(Series.study_pk == study.id).distinct()
-        ).all()
-        study.modalities_in_study = "\\".join(sorted(m for m in modalities if m))[:160]
-        study.number_of_series = (
-            session.scalar(
-                select(func.count())
-                .select_from(Series)
-                .where(Series.study_pk == study.id, Series.number_of_instances > 0)
+        # The series set changed: recompute the study's series-level summaries. The study
+        # row is locked, so no other ingest into this study runs in between.
+        modalities = (
+            conn.execute(
+                select(_SERIES.c.modality).where(_SERIES.c.study_pk == study["id"]).distinct()
             )
-            or 0
+            .scalars()
+            .all()
         )
+        study_changes["modalities_in_study"] = "\\".join(sorted(m for m in modalities if m))[:160]
+        study_changes["number_of_series"] = (
+            select(func.count())
+            .where(_SERIES.c.study_pk == study["id"], _SERIES.c.number_of_instances > 0)
+            .scalar_subquery()
+        )
+    if study_changes:
+        conn.execute(update(_STUDY).where(_STUDY.c.id == study["id"]).values(**study_changes))
 
-    changed = {k: v for k, v in patient_values.items() if v and getattr(patient, k) != v}
+    changed = {k: v for k, v in record.patient.items() if v and patient[k] != v}
     if changed:
-        for name, value in changed.items():
-            setattr(patient, name, value)
-        patient.updated_at = now
+        conn.execute(
+            update(_PATIENT).where(_PATIENT.c.id == patient["id"]).values(**changed, updated_at=now)
+        )
 
     audit.record(
         event_type=(
@@ -395,5 +502,4 @@ def store_instance(
         detail={"notes": list(record.notes)} if record.notes else None,
         **audit_common,
     )
-    session.flush()
-    return StoreResult(outcome, instance.id, replaced_key)
+    return StoreResult(outcome, instance_id, replaced_key)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
+from sqlalchemy import Table, insert
 from sqlalchemy.orm import Session
 
 from cloudfilm.audit.enums import ActorType, AuditAction, AuditEventType, AuditOutcome
@@ -35,6 +36,9 @@ class Actor:
         return cls(ActorType.SYSTEM, component)
 
 
+_INSERT = insert(cast(Table, AuditEvent.__table__))
+
+
 def record(
     *,
     session: Session,
@@ -49,24 +53,27 @@ def record(
     source: str | None = None,
     message: str | None = None,
     detail: dict[str, Any] | None = None,
-) -> AuditEvent:
-    """Add one audit event to ``session``; it commits with the change it describes."""
-    event = AuditEvent(
-        occurred_at=datetime.now(UTC),
-        event_type=event_type.value,
-        action=action.value,
-        outcome=int(outcome),
-        actor_type=actor.type.value,
-        actor_id=actor.id[:128],
-        actor_role=actor.role,
-        source=(source or actor.source or None) and (source or actor.source or "")[:255],
-        object_type=object_type,
-        object_id=object_id,
-        patient_id=patient_id,
-        study_instance_uid=study_instance_uid,
-        request_id=actor.request_id,
-        message=message[:1024] if message else None,
-        detail=detail,
+) -> None:
+    """Insert one audit event in ``session``'s transaction: it commits with the change it
+    describes, or not at all."""
+    origin = source or actor.source
+    session.connection().execute(
+        _INSERT,
+        {
+            "occurred_at": datetime.now(UTC),
+            "event_type": event_type.value,
+            "action": action.value,
+            "outcome": int(outcome),
+            "actor_type": actor.type.value,
+            "actor_id": actor.id[:128],
+            "actor_role": actor.role,
+            "source": origin[-255:] if origin else None,
+            "object_type": object_type,
+            "object_id": object_id,
+            "patient_id": patient_id,
+            "study_instance_uid": study_instance_uid,
+            "request_id": actor.request_id,
+            "message": message[:1024] if message else None,
+            "detail": detail,
+        },
     )
-    session.add(event)
-    return event
