@@ -29,11 +29,9 @@ from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.charset import python_encoding
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import _read_file_meta_info, read_preamble
-from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import Tag
 from pydicom.uid import (
     UID,
@@ -129,18 +127,9 @@ def parse_instance(
     _check_pixels(ds, UID(ts), limits)
     _strip_iso2022_escapes(ds, notes)
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = UID(ts)
-    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    if source_aet:
-        meta.SourceApplicationEntityTitle = source_aet.strip()[:16]
-    head = _part10_header(meta, enforce_standard=True)
-    offset = len(head)
+    head = part10_header(ts, str(ds.SOPClassUID), str(ds.SOPInstanceUID), source_aet)
     blob = head + dataset_bytes
-    ds.file_meta = meta
+    offset = len(head)
     return ParsedInstance(
         blob=blob, dataset_offset=offset, ds=ds, transfer_syntax_uid=ts, notes=notes
     )
@@ -180,12 +169,38 @@ def _split_dataset(
     return data, _guess_encoding(data, "not DICOM: no preamble and 'DICM' prefix")
 
 
-def _part10_header(meta: FileMetaDataset, *, enforce_standard: bool) -> bytes:
-    """Preamble, ``DICM`` and the File Meta Information group (PS3.10 7.1)."""
-    head = DicomBytesIO()
-    head.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(head, meta, enforce_standard=enforce_standard)
-    return head.getvalue()
+def part10_header(
+    transfer_syntax_uid: str,
+    sop_class_uid: str = "",
+    sop_instance_uid: str = "",
+    source_aet: str | None = None,
+) -> bytes:
+    """Preamble, ``DICM`` and our File Meta Information (PS3.10 7.1), explicit VR LE.
+
+    Written by hand: pydicom's general writer took 0.8 ms, a tenth of an ingest.
+    """
+    elements = [
+        _meta_element(0x0001, b"OB", b"\x00\x01"),
+        _meta_element(0x0002, b"UI", sop_class_uid.encode("ascii"), b"\x00"),
+        _meta_element(0x0003, b"UI", sop_instance_uid.encode("ascii"), b"\x00"),
+        _meta_element(0x0010, b"UI", transfer_syntax_uid.encode("ascii"), b"\x00"),
+        _meta_element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode("ascii"), b"\x00"),
+        _meta_element(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode("ascii")),
+    ]
+    if source_aet:
+        aet = source_aet.strip()[:16].encode("ascii", "replace")
+        elements.append(_meta_element(0x0016, b"AE", aet))
+    body = b"".join(elements)
+    group_length = struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(body))
+    return b"\x00" * 128 + b"DICM" + group_length + body
+
+
+def _meta_element(element: int, vr: bytes, value: bytes, pad: bytes = b" ") -> bytes:
+    if len(value) % 2:
+        value += pad
+    if vr == b"OB":
+        return struct.pack("<HH2s2xL", 0x0002, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
 
 
 def _guess_encoding(dataset_bytes: bytes, problem: str) -> str:
@@ -206,12 +221,6 @@ def _guess_encoding(dataset_bytes: bytes, problem: str) -> str:
 
 
 def _read_dataset(dataset_bytes: bytes, ts: str) -> Dataset:
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = UID(ts)
-    try:
-        head = _part10_header(meta, enforce_standard=False)
-    except (ValueError, AttributeError) as exc:
-        raise InvalidDicom(f"unusable Transfer Syntax UID {ts!r}") from exc
     uid = UID(ts)
     if not uid.is_transfer_syntax:
         raise InvalidDicom(
@@ -219,7 +228,7 @@ def _read_dataset(dataset_bytes: bytes, ts: str) -> Dataset:
             "to use Explicit VR Little Endian"
         )
     try:
-        ds = dcmread(io.BytesIO(head + dataset_bytes))
+        ds = dcmread(io.BytesIO(part10_header(ts) + dataset_bytes))
     except (
         InvalidDicomError,
         OSError,
@@ -297,11 +306,17 @@ def _strip_iso2022_escapes(ds: Dataset, notes: list[str]) -> None:
 
 
 def _check_complete(ds: Dataset) -> None:
-    """Refuse elements whose declared length runs past the end of the data."""
-    for tag in list(ds.keys()):
-        raw = ds.get_item(tag)
-        if not isinstance(raw, RawDataElement) or raw.value is None:
-            continue
+    """Refuse an element whose declared length runs past the end of the data.
+
+    pydicom reads such an element leniently, with the bytes that are there. It can only be
+    the last one: an element whose length overruns swallows everything after it.
+    """
+    tags = list(ds.keys())
+    if not tags:
+        return
+    tag = tags[-1]
+    raw = ds.get_item(tag)
+    if isinstance(raw, RawDataElement) and raw.value is not None:
         if raw.length != _UNDEFINED and len(raw.value) != raw.length:
             raise InvalidDicom(
                 f"element {tag} declares {raw.length} bytes but only {len(raw.value)} follow: "
