@@ -19,6 +19,7 @@ from cloudfilm.archive.demo import synthesize_large_ct
 from cloudfilm.archive.ingest import Archive
 from cloudfilm.archive.models import Patient
 from cloudfilm.config import Settings
+
 from conftest import CT_134, DATA, free_port, shared_data
 
 

@@ -7,19 +7,21 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import DATA, SHARED
 from pydicom import dcmread
 
 from cloudfilm.archive.dicom_json import dataset_json
 from cloudfilm.archive.parsing import IngestLimits, parse_instance
 from cloudfilm.errors import InvalidDicom
 
+from conftest import DATA, SHARED
+
 LIMITS = IngestLimits(max_object_bytes=64 * 1024**2, max_frame_pixels=20_000 * 20_000)
 
 
 def _pair(data: bytes) -> tuple[dict[str, object], dict[str, object]]:
-    ours = dataset_json(dcmread(io.BytesIO(data)), threshold=1024,
-                        bulk_uri=lambda tag: f"bulkdata/{tag:08X}")
+    ours = dataset_json(
+        dcmread(io.BytesIO(data)), threshold=1024, bulk_uri=lambda tag: f"bulkdata/{tag:08X}"
+    )
     reference = dcmread(io.BytesIO(data)).to_json_dict(
         bulk_data_threshold=1024,
         bulk_data_element_handler=lambda elem: f"bulkdata/{elem.tag:08X}",

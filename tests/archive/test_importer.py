@@ -17,6 +17,7 @@ from cloudfilm.archive.models import Instance
 from cloudfilm.archive.parsing import IngestLimits
 from cloudfilm.audit.models import AuditEvent
 from cloudfilm.audit.service import Actor
+
 from conftest import DATA, shared_data
 
 ACTOR = Actor.cli("cloudfilm import")

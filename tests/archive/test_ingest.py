@@ -19,6 +19,7 @@ from cloudfilm.archive.models import Instance, InstanceMetadata, Patient, Series
 from cloudfilm.audit.models import AuditEvent
 from cloudfilm.audit.service import Actor
 from cloudfilm.config import DuplicatePolicy, Settings
+
 from conftest import DATA
 
 ACTOR = Actor.cli("pytest")

@@ -11,6 +11,7 @@ from pydicom.dataset import Dataset
 
 from cloudfilm.archive.parsing import IngestLimits, is_valid_uid, parse_instance
 from cloudfilm.errors import InvalidDicom
+
 from conftest import DATA, shared_data
 
 LIMITS = IngestLimits(max_object_bytes=64 * 1024**2, max_frame_pixels=20_000 * 20_000)

@@ -20,6 +20,7 @@ from cloudfilm.archive.models import Instance, Study
 from cloudfilm.audit.models import AuditEvent
 from cloudfilm.config import DimseSettings
 from cloudfilm.dimse.server import DIMSEServer
+
 from conftest import DATA, free_port, require_tool
 
 

@@ -24,6 +24,7 @@ from sqlalchemy import select
 from cloudfilm.archive.ingest import Archive
 from cloudfilm.archive.models import Instance
 from cloudfilm.config import Settings
+
 from conftest import free_port, require_tool
 
 ITERATIONS = int(os.environ.get("CLOUDFILM_CRASH_ITERATIONS", "4"))
