@@ -97,6 +97,18 @@ def test_ingest__identical_duplicate_is_a_noop(archive: Archive) -> None:
     assert [e.event_type for e in _audit(archive)] == ["instance-stored", "instance-duplicate"]
 
 
+def test_ingest__same_data_set_from_another_sender_is_identical(archive: Archive) -> None:
+    data = (DATA / "ct_small.dcm").read_bytes()
+    first = archive.ingest(data, actor=Actor.ae("CT01", "10.0.0.1:1234"))
+    again = archive.ingest(data, actor=Actor.ae("PACS", "10.0.0.9:4321"))
+    assert (first.status, again.status) == (IngestStatus.STORED, IngestStatus.DUPLICATE)
+    assert again.reason == "identical object already stored"
+    assert [(e.actor_id, e.event_type) for e in _audit(archive)] == [
+        ("CT01", "instance-stored"),
+        ("PACS", "instance-duplicate"),
+    ]
+
+
 def test_ingest__different_bytes_keep_first(archive: Archive) -> None:
     ds = dcmread(DATA / "ct_small.dcm")
     archive.ingest(_encode(ds), actor=ACTOR)

@@ -105,11 +105,8 @@ class Archive:
             When the bytes cannot be written or the index cannot be reached; the sender
             should try again later (C-STORE 0xA700, HTTP 503/507).
         """
-        source_aet = actor.id if actor.type.value == "dicom-ae" else None
         try:
-            parsed = parse_instance(
-                data, self.limits, transfer_syntax_uid=transfer_syntax_uid, source_aet=source_aet
-            )
+            parsed = parse_instance(data, self.limits, transfer_syntax_uid=transfer_syntax_uid)
         except InvalidDicom as exc:
             self._record_rejection(actor, str(exc), data)
             return IngestResult(IngestStatus.REJECTED, reason=str(exc))

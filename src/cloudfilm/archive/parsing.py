@@ -95,7 +95,6 @@ def parse_instance(
     limits: IngestLimits,
     *,
     transfer_syntax_uid: str | None = None,
-    source_aet: str | None = None,
 ) -> ParsedInstance:
     """Validate ``data`` and return it in the form we store.
 
@@ -108,8 +107,6 @@ def parse_instance(
         Size limits from the ingest settings.
     transfer_syntax_uid
         The transfer syntax the data set was received in (a DIMSE presentation context).
-    source_aet
-        Calling AE title, recorded in the file meta (0002,0016).
     """
     if len(data) > limits.max_object_bytes:
         raise InvalidDicom(
@@ -127,7 +124,10 @@ def parse_instance(
     _check_pixels(ds, UID(ts), limits)
     _strip_iso2022_escapes(ds, notes)
 
-    head = part10_header(ts, str(ds.SOPClassUID), str(ds.SOPInstanceUID), source_aet)
+    # The meta is a function of the data set alone (no sender, no time), so the same data
+    # set always gives the same stored bytes and checksum, whoever sent it; who sent it
+    # is in the audit trail.
+    head = part10_header(ts, str(ds.SOPClassUID), str(ds.SOPInstanceUID))
     blob = head + dataset_bytes
     offset = len(head)
     return ParsedInstance(
@@ -173,7 +173,6 @@ def part10_header(
     transfer_syntax_uid: str,
     sop_class_uid: str = "",
     sop_instance_uid: str = "",
-    source_aet: str | None = None,
 ) -> bytes:
     """Preamble, ``DICM`` and our File Meta Information (PS3.10 7.1), explicit VR LE.
 
@@ -187,9 +186,6 @@ def part10_header(
         _meta_element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode("ascii"), b"\x00"),
         _meta_element(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode("ascii")),
     ]
-    if source_aet:
-        aet = source_aet.strip()[:16].encode("ascii", "replace")
-        elements.append(_meta_element(0x0016, b"AE", aet))
     body = b"".join(elements)
     group_length = struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(body))
     return b"\x00" * 128 + b"DICM" + group_length + body
