@@ -78,6 +78,44 @@ def test_storescu__134_slice_ct_indexed_with_identical_bytes(
         assert "SourceApplicationEntityTitle" not in stored.file_meta  # sender: audit trail
 
 
+def test_storescu__two_concurrent_senders_of_one_study(
+    scp: DIMSEServer, archive: Archive, ct_files: list[Path]
+) -> None:
+    """Two modalities push the same study at once (one in reverse order): both succeed,
+    one row per SOP Instance UID, exact counters."""
+    storescu = require_tool("storescu")
+    senders = [
+        subprocess.Popen(
+            [
+                storescu,
+                "-aet",
+                "STORESCU",
+                "-aec",
+                "CLOUDFILM",
+                "127.0.0.1",
+                str(scp.port),
+                *map(str, files),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "TCP_NODELAY": "1"},
+        )
+        for files in (ct_files, list(reversed(ct_files)))
+    ]
+    for sender in senders:
+        output = sender.communicate(timeout=180)[0].decode(errors="replace")
+        assert sender.returncode == 0, output[-2000:]
+    with archive.db.read_session() as session:
+        study = session.scalars(select(Study)).one()
+        rows = session.scalars(select(Instance.sop_instance_uid)).all()
+        events = session.scalars(select(AuditEvent.event_type)).all()
+    assert len(rows) == len(set(rows)) == 134
+    assert study.number_of_instances == 134
+    assert sorted(set(events)) == ["instance-duplicate", "instance-stored"]
+    assert events.count("instance-stored") == 134 and len(events) == 268
+    assert len(list(archive.storage.iter_objects())) == 134
+
+
 def test_echoscu__verification(scp: DIMSEServer) -> None:
     echoscu = require_tool("echoscu")
     done = subprocess.run(
