@@ -7,6 +7,7 @@ import secrets
 import shutil
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,45 @@ def require_tool(name: str) -> str:
     if path is None:
         pytest.fail(f"{name} is not installed: `make test` installs it (Debian package dcmtk)")
     return path
+
+
+@dataclass
+class LiveServer:
+    url: str
+    archive: Archive
+    token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+@pytest.fixture
+def live_server(archive: Archive) -> Iterator[LiveServer]:
+    """The HTTP application on a loopback port (uvicorn in a thread), with a client token."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from cloudfilm.app import create_app
+    from cloudfilm.auth.service import create_client
+
+    with archive.db.session() as session:
+        _, token = create_client(session=session, name="pytest")
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(archive), host="127.0.0.1", port=port, log_level="warning", access_log=False
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise AssertionError("uvicorn did not start")
+        time.sleep(0.02)
+    yield LiveServer(f"http://127.0.0.1:{port}", archive, token)
+    server.should_exit = True
+    thread.join(timeout=10)

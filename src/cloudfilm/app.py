@@ -3,18 +3,34 @@
 from __future__ import annotations
 
 import html
+import re
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from string import Template
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
 
 from cloudfilm import __version__
 from cloudfilm.archive import stats
 from cloudfilm.archive.ingest import Archive
+from cloudfilm.audit import service as audit
+from cloudfilm.audit.enums import ActorType, AuditAction, AuditEventType, AuditOutcome
+from cloudfilm.audit.service import Actor
+from cloudfilm.auth.deps import client_address
+from cloudfilm.dicomweb.router import DicomwebError
+from cloudfilm.dicomweb.router import router as dicomweb_router
 
 _HOME = Template((Path(__file__).parent / "templates" / "home.html").read_text("utf-8"))
+
+
+#: Routes anyone may call: probes for load balancers, the API description, the home page.
+PUBLIC_PATHS = frozenset(
+    {"/healthz", "/readyz", "/", "/api/docs", "/api/openapi.json", "/api/docs/oauth2-redirect"}
+)
+_STUDY_IN_PATH = re.compile(r"/studies/([0-9.]{1,64})")
 
 
 def create_app(archive: Archive) -> FastAPI:
@@ -26,6 +42,26 @@ def create_app(archive: Archive) -> FastAPI:
         redoc_url=None,
     )
     app.state.archive = archive
+    app.include_router(dicomweb_router)
+
+    @app.exception_handler(DicomwebError)
+    def dicomweb_error(_request: Request, exc: DicomwebError) -> JSONResponse:
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.middleware("http")
+    async def audit_requests(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        """One audit record per request to a protected route, refusals included (G1)."""
+        if request.url.path in PUBLIC_PATHS:
+            return await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception:
+            await run_in_threadpool(_audit_request, archive, request, 500)
+            raise
+        await run_in_threadpool(_audit_request, archive, request, response.status_code)
+        return response
 
     @app.get("/healthz", summary="Liveness: the process answers", tags=["ops"])
     def healthz() -> dict[str, str]:
@@ -81,3 +117,43 @@ def create_app(archive: Archive) -> FastAPI:
         )
 
     return app
+
+
+def _audit_request(archive: Archive, request: Request, status: int) -> None:
+    actor = getattr(request.state, "actor", None) or Actor(
+        ActorType.ANONYMOUS, "anonymous", source=client_address(request)
+    )
+    path = request.url.path
+    if request.method in ("POST", "PUT"):
+        event, action = AuditEventType.HTTP_REQUEST, AuditAction.CREATE
+    elif path.endswith(("/studies", "/series", "/instances")):
+        event, action = AuditEventType.QUERY, AuditAction.EXECUTE
+    elif path.startswith("/dicom-web/"):
+        event, action = AuditEventType.RETRIEVE, AuditAction.READ
+    else:
+        event, action = AuditEventType.HTTP_REQUEST, AuditAction.READ
+    if status == 401:
+        event = AuditEventType.AUTHENTICATION_FAILED
+    outcome = (
+        AuditOutcome.SUCCESS
+        if status < 400
+        else AuditOutcome.SERIOUS_FAILURE
+        if status in (401, 403)
+        else AuditOutcome.MAJOR_FAILURE
+        if status >= 500
+        else AuditOutcome.MINOR_FAILURE
+    )
+    study = _STUDY_IN_PATH.search(path)
+    with archive.db.session() as session:
+        audit.record(
+            session=session,
+            actor=actor,
+            event_type=event,
+            action=action,
+            outcome=outcome,
+            object_type="http",
+            object_id=path[-128:],
+            study_instance_uid=study.group(1) if study else None,
+            message=f"{request.method} {path[:900]} -> {status}",
+            detail={"query": str(request.url.query)[:2000]} if request.url.query else None,
+        )

@@ -28,6 +28,10 @@ app = typer.Typer(
 )
 storage_app = typer.Typer(help="Storage upkeep.", no_args_is_help=True)
 app.add_typer(storage_app, name="storage")
+client_app = typer.Typer(
+    help="Integration clients (bearer tokens for the HTTP interfaces).", no_args_is_help=True
+)
+app.add_typer(client_app, name="client")
 console = Console(stderr=True)
 
 DataDir = typer.Option(
@@ -364,6 +368,69 @@ def storage_sweep(
     finally:
         archive.close()
     Console().print(f"removed {temporary} temporary file(s) and {orphans} orphan object(s)")
+
+
+@client_app.command("create")
+def client_create(
+    name: str = typer.Argument(..., help="Who the client is, e.g. ris, ohif, gateway-a."),
+    data_dir: Path | None = DataDir,
+) -> None:
+    """Create a client and print its bearer token (shown once, stored only as a hash)."""
+    from cloudfilm.auth import service as auth
+    from cloudfilm.errors import Conflict
+
+    archive = _open_archive(_settings(data_dir), migrate=False)
+    try:
+        with archive.db.session() as session:
+            _, token = auth.create_client(session=session, name=name)
+    except Conflict as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    finally:
+        archive.close()
+    console.print(f"client {name!r} created; its token (shown only now):")
+    typer.echo(token)
+
+
+@client_app.command("disable")
+def client_disable(name: str, data_dir: Path | None = DataDir) -> None:
+    """Disable a client: its token stops working at once."""
+    from cloudfilm.auth import service as auth
+    from cloudfilm.errors import NotFound
+
+    archive = _open_archive(_settings(data_dir), migrate=False)
+    try:
+        with archive.db.session() as session:
+            auth.set_enabled(session=session, name=name, enabled=False)
+    except NotFound as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    finally:
+        archive.close()
+    console.print(f"client {name!r} disabled")
+
+
+@client_app.command("list")
+def client_list(data_dir: Path | None = DataDir) -> None:
+    """List the clients (never their tokens)."""
+    from sqlalchemy import select
+
+    from cloudfilm.auth.models import ApiClient
+
+    archive = _open_archive(_settings(data_dir), migrate=False)
+    try:
+        with archive.db.read_session() as session:
+            clients = list(session.scalars(select(ApiClient).order_by(ApiClient.name)))
+    finally:
+        archive.close()
+    table = Table("name", "enabled", "created")
+    for client in clients:
+        table.add_row(
+            client.name,
+            "yes" if client.enabled else "no",
+            client.created_at.strftime("%Y-%m-%d %H:%M"),
+        )
+    Console().print(table)
 
 
 @app.command("settings")

@@ -133,6 +133,12 @@ class DimseSettings(_Section):
         return value.strip()
 
 
+class DicomwebSettings(_Section):
+    max_results: int = 1000
+    """Most results one QIDO-RS search or C-FIND returns; more are paged with ``offset``
+    and announced by a ``Warning`` header."""
+
+
 class HttpSettings(_Section):
     host: str = "127.0.0.1"
     """Address of the HTTP server. Behind nginx keep the loopback default."""
@@ -170,6 +176,8 @@ class Settings(BaseSettings):
     """The DICOM listener."""
     http: HttpSettings = Field(default_factory=HttpSettings)
     """The HTTP server."""
+    dicomweb: DicomwebSettings = Field(default_factory=DicomwebSettings)
+    """QIDO-RS, WADO-RS and STOW-RS."""
 
     @classmethod
     def settings_customise_sources(

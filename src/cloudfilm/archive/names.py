@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 
 from pypinyin import lazy_pinyin
@@ -18,6 +19,12 @@ class NameForms:
     phonetic: str
     pinyin: str
     initials: str
+
+
+def without_accents(text: str) -> str:
+    """``Müller`` → ``Muller``: for accent-insensitive name search."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in decomposed if not unicodedata.combining(c))
 
 
 def has_han(text: str) -> bool:
@@ -48,8 +55,8 @@ def name_forms(value: object) -> NameForms:
     chinese = ideographic if has_han(ideographic) else alphabetic if has_han(alphabetic) else ""
     pinyin, initials = to_pinyin(chinese) if chinese else ("", "")
     if not pinyin and alphabetic:
-        pinyin = alphabetic.lower()
+        pinyin = without_accents(alphabetic).lower()
     return NameForms(full, alphabetic, ideographic, phonetic, pinyin, initials)
 
 
-__all__ = ["NameForms", "has_han", "name_forms", "to_pinyin"]
+__all__ = ["NameForms", "has_han", "name_forms", "to_pinyin", "without_accents"]

@@ -27,6 +27,9 @@ class ActorType(StrEnum):
     AE = "dicom-ae"
     SYSTEM = "system"
     CLI = "cli"
+    CLIENT = "client"
+    """An integration client with a bearer token."""
+    ANONYMOUS = "anonymous"
 
 
 class AuditEventType(StrEnum):
@@ -37,5 +40,9 @@ class AuditEventType(StrEnum):
     INSTANCE_DUPLICATE = "instance-duplicate"
     INSTANCE_REJECTED = "instance-rejected"
     ASSOCIATION_REJECTED = "association-rejected"
+    QUERY = "query"
+    RETRIEVE = "retrieve"
+    AUTHENTICATION_FAILED = "authentication-failed"
+    HTTP_REQUEST = "http-request"
     APPLICATION_START = "application-start"
     APPLICATION_STOP = "application-stop"

@@ -1,0 +1,313 @@
+"""DICOMweb routes under ``/dicom-web`` (PS3.18): QIDO-RS search, WADO-RS metadata and
+retrieve. Every route depends on :func:`require_actor`; the audit middleware records each
+request."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import secrets
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response, StreamingResponse
+from sqlalchemy import select
+
+from cloudfilm.archive.ingest import Archive
+from cloudfilm.archive.matching import Level, QueryError
+from cloudfilm.archive.models import Instance, InstanceMetadata, Series, Study
+from cloudfilm.audit.service import Actor
+from cloudfilm.auth.deps import require_actor
+from cloudfilm.dicomweb import qido
+
+DICOM_JSON = "application/dicom+json"
+_CHUNK = 1024 * 1024
+
+router = APIRouter(prefix="/dicom-web", tags=["DICOMweb"])
+Caller = Annotated[Actor, Depends(require_actor)]
+
+
+class DicomwebError(Exception):
+    """An HTTP error with a readable message (rendered by the app's handler)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _archive(request: Request) -> Archive:
+    archive: Archive = request.app.state.archive
+    return archive
+
+
+def base_url(request: Request) -> str:
+    return str(request.base_url).rstrip("/") + "/dicom-web"
+
+
+# --------------------------------------------------------------------------- QIDO-RS
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "malformed query"},
+    401: {"description": "no or invalid credentials"},
+}
+
+
+def _search(request: Request, level: Level, fixed: dict[str, str]) -> Response:
+    archive = _archive(request)
+    try:
+        parsed = qido.parse_search(
+            level,
+            request.query_params.multi_items(),
+            max_results=archive.settings.dicomweb.max_results,
+            fixed=fixed,
+        )
+        with archive.db.read_session() as session:
+            results, truncated = qido.search(session, parsed, base_url(request))
+    except QueryError as exc:
+        raise DicomwebError(400, str(exc)) from exc
+    headers = {}
+    if truncated:
+        # PS3.18 8.3.4.4 / RFC 7234 Warning 299: tell the client to page with offset.
+        headers["Warning"] = (
+            '299 cloudfilm "The number of results exceeded the maximum supported by the '
+            'server. Additional results can be requested."'
+        )
+    if not results:
+        return Response(status_code=204, headers=headers)
+    return Response(qido.dumps(results), media_type=DICOM_JSON, headers=headers)
+
+
+@router.get("/studies", summary="Search for studies (QIDO-RS)", responses=_ERRORS)
+def search_studies(request: Request, _caller: Caller) -> Response:
+    return _search(request, Level.STUDY, {})
+
+
+@router.get("/series", summary="Search for series (QIDO-RS)", responses=_ERRORS)
+def search_series(request: Request, _caller: Caller) -> Response:
+    return _search(request, Level.SERIES, {})
+
+
+@router.get("/instances", summary="Search for instances (QIDO-RS)", responses=_ERRORS)
+def search_instances(request: Request, _caller: Caller) -> Response:
+    return _search(request, Level.IMAGE, {})
+
+
+@router.get("/studies/{study}/series", summary="Search the series of a study", responses=_ERRORS)
+def search_study_series(study: str, request: Request, _caller: Caller) -> Response:
+    return _search(request, Level.SERIES, {"StudyInstanceUID": _uid(study)})
+
+
+@router.get(
+    "/studies/{study}/instances", summary="Search the instances of a study", responses=_ERRORS
+)
+def search_study_instances(study: str, request: Request, _caller: Caller) -> Response:
+    return _search(request, Level.IMAGE, {"StudyInstanceUID": _uid(study)})
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances",
+    summary="Search the instances of a series",
+    responses=_ERRORS,
+)
+def search_series_instances(study: str, series: str, request: Request, _caller: Caller) -> Response:
+    return _search(
+        request, Level.IMAGE, {"StudyInstanceUID": _uid(study), "SeriesInstanceUID": _uid(series)}
+    )
+
+
+def _uid(value: str) -> str:
+    from cloudfilm.archive.parsing import is_valid_uid
+
+    if not is_valid_uid(value):
+        raise DicomwebError(400, f"{value[:80]!r} is not a valid UID")
+    return value
+
+
+# --------------------------------------------------------------------------- WADO-RS
+
+_RETRIEVE_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_ERRORS,
+    404: {"description": "no such study, series or instance"},
+    406: {"description": "the Accept header asks for something we cannot produce"},
+}
+
+
+def _instances(
+    request: Request, study: str, series: str | None, instance: str | None
+) -> list[tuple[Instance, str, str]]:
+    """The instances addressed by the path, with their series and study UIDs (404 if none)."""
+    stmt = (
+        select(Instance, Series.series_instance_uid, Study.study_instance_uid)
+        .join(Series, Instance.series_pk == Series.id)
+        .join(Study, Series.study_pk == Study.id)
+        .where(Study.study_instance_uid == _uid(study))
+        .order_by(Series.series_number, Series.id, Instance.instance_number, Instance.id)
+    )
+    if series is not None:
+        stmt = stmt.where(Series.series_instance_uid == _uid(series))
+    if instance is not None:
+        stmt = stmt.where(Instance.sop_instance_uid == _uid(instance))
+    with _archive(request).db.read_session() as session:
+        rows = [(row[0], row[1], row[2]) for row in session.execute(stmt)]
+    if not rows:
+        what = "instance" if instance else "series" if series else "study"
+        raise DicomwebError(404, f"no such {what} in this archive")
+    return rows
+
+
+def _metadata(request: Request, study: str, series: str | None, instance: str | None) -> Response:
+    stmt = (
+        select(
+            InstanceMetadata.dicom_json,
+            Series.series_instance_uid,
+            Instance.sop_instance_uid,
+            Instance.updated_at,
+        )
+        .join(Instance, InstanceMetadata.instance_pk == Instance.id)
+        .join(Series, Instance.series_pk == Series.id)
+        .join(Study, Series.study_pk == Study.id)
+        .where(Study.study_instance_uid == _uid(study))
+        .order_by(Series.series_number, Series.id, Instance.instance_number, Instance.id)
+    )
+    if series is not None:
+        stmt = stmt.where(Series.series_instance_uid == _uid(series))
+    if instance is not None:
+        stmt = stmt.where(Instance.sop_instance_uid == _uid(instance))
+    with _archive(request).db.read_session() as session:
+        rows = session.execute(stmt).all()
+    if not rows:
+        what = "instance" if instance else "series" if series else "study"
+        raise DicomwebError(404, f"no such {what} in this archive")
+    root = f"{base_url(request)}/studies/{study}/series/"
+    parts = []
+    for text, series_uid, sop_uid, _ in rows:
+        # Stored JSON refers to bulk data relative to its instance; make the URIs absolute.
+        prefix = f'"BulkDataURI":"{root}{series_uid}/instances/{sop_uid}/bulkdata/'
+        parts.append(text.replace('"BulkDataURI":"bulkdata/', prefix))
+    body = ("[" + ",".join(parts) + "]").encode("utf-8")
+    etag = (
+        '"'
+        + hashlib.sha256("|".join(f"{r[2]}@{r[3]}" for r in rows).encode()).hexdigest()[:32]
+        + '"'
+    )
+    headers = {"ETag": etag, "Cache-Control": "private, no-cache", "Vary": "Accept-Encoding"}
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
+    if "gzip" in request.headers.get("accept-encoding", "") and len(body) > 1024:
+        body = gzip.compress(body, compresslevel=5)
+        headers["Content-Encoding"] = "gzip"
+    return Response(body, media_type=DICOM_JSON, headers=headers)
+
+
+@router.get(
+    "/studies/{study}/metadata",
+    summary="Metadata of every instance of a study",
+    responses=_RETRIEVE_ERRORS,
+)
+def study_metadata(study: str, request: Request, _caller: Caller) -> Response:
+    return _metadata(request, study, None, None)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/metadata",
+    summary="Metadata of every instance of a series",
+    responses=_RETRIEVE_ERRORS,
+)
+def series_metadata(study: str, series: str, request: Request, _caller: Caller) -> Response:
+    return _metadata(request, study, series, None)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/metadata",
+    summary="Metadata of one instance",
+    responses=_RETRIEVE_ERRORS,
+)
+def instance_metadata(
+    study: str, series: str, instance: str, request: Request, _caller: Caller
+) -> Response:
+    return _metadata(request, study, series, instance)
+
+
+def _check_accept(request: Request) -> None:
+    """We send what is stored (original transfer syntax) as multipart/related
+    application/dicom; refuse (406) anything a client insists on that we cannot produce."""
+    accept = request.headers.get("accept", "*/*").lower()
+    if not accept.strip():
+        return
+    for item in accept.split(","):
+        media = item.split(";")[0].strip()
+        params = {
+            k.strip(): v.strip().strip('"')
+            for k, _, v in (p.partition("=") for p in item.split(";")[1:])
+        }
+        if media in ("*/*", "multipart/*"):
+            return
+        if (
+            media == "multipart/related"
+            and params.get("type", "application/dicom")
+            in ("application/dicom", "application/*", "*/*")
+            and params.get("transfer-syntax", "*") in ("*", "")
+        ):
+            return
+        if media == "application/dicom" and params.get("transfer-syntax", "*") == "*":
+            return
+    raise DicomwebError(
+        406,
+        'can send multipart/related; type="application/dicom" in the stored transfer '
+        "syntax (transfer-syntax=*); transcoding on request is not available yet",
+    )
+
+
+def _retrieve(
+    request: Request, study: str, series: str | None, instance: str | None
+) -> StreamingResponse:
+    _check_accept(request)
+    rows = _instances(request, study, series, instance)
+    storage = _archive(request).storage
+    boundary = secrets.token_hex(16)
+
+    def body() -> Iterator[bytes]:
+        for row, _, _ in rows:
+            yield (
+                f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax="
+                f"{row.transfer_syntax_uid}\r\nContent-Length: {row.byte_size}\r\n\r\n"
+            ).encode("ascii")
+            with storage.open(row.storage_key) as fh:
+                while chunk := fh.read(_CHUNK):
+                    yield chunk
+            yield b"\r\n"
+        yield f"--{boundary}--\r\n".encode("ascii")
+
+    media = f'multipart/related; type="application/dicom"; boundary={boundary}'
+    return StreamingResponse(body(), media_type=media)
+
+
+@router.get(
+    "/studies/{study}", summary="Retrieve a study (multipart DICOM)", responses=_RETRIEVE_ERRORS
+)
+def retrieve_study(study: str, request: Request, _caller: Caller) -> StreamingResponse:
+    return _retrieve(request, study, None, None)
+
+
+@router.get(
+    "/studies/{study}/series/{series}",
+    summary="Retrieve a series (multipart DICOM)",
+    responses=_RETRIEVE_ERRORS,
+)
+def retrieve_series(
+    study: str, series: str, request: Request, _caller: Caller
+) -> StreamingResponse:
+    return _retrieve(request, study, series, None)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}",
+    summary="Retrieve one instance (multipart DICOM)",
+    responses=_RETRIEVE_ERRORS,
+)
+def retrieve_instance(
+    study: str, series: str, instance: str, request: Request, _caller: Caller
+) -> StreamingResponse:
+    return _retrieve(request, study, series, instance)
