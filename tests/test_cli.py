@@ -79,7 +79,11 @@ def test_serve_demo__starts_with_chinese_demo_patients(tmp_path: Path, sample_da
     try:
         _wait_http(f"{base}/healthz", process)
         assert httpx.get(f"{base}/readyz").json()["status"] == "ok"
-        summary = httpx.get(f"{base}/api/archive/summary").json()
+        assert httpx.get(f"{base}/api/archive/summary").status_code == 401
+        token = _cli("client", "create", "smoke", "--data-dir", str(tmp_path / "var"))
+        assert token.returncode == 0, token.stderr
+        auth = {"Authorization": f"Bearer {token.stdout.strip()}"}
+        summary = httpx.get(f"{base}/api/archive/summary", headers=auth).json()
         home = httpx.get(base).text
         assert "云胶片" in home and f"<b>{summary['instances']}</b>" in home
         assert httpx.get(f"{base}/api/docs").status_code == 200

@@ -7,8 +7,9 @@ import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from string import Template
+from typing import Annotated
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
@@ -19,7 +20,7 @@ from cloudfilm.archive.ingest import Archive
 from cloudfilm.audit import service as audit
 from cloudfilm.audit.enums import ActorType, AuditAction, AuditEventType, AuditOutcome
 from cloudfilm.audit.service import Actor
-from cloudfilm.auth.deps import client_address
+from cloudfilm.auth.deps import client_address, require_actor
 from cloudfilm.dicomweb.router import DicomwebError
 from cloudfilm.dicomweb.router import router as dicomweb_router
 
@@ -38,6 +39,7 @@ def create_app(archive: Archive) -> FastAPI:
         title="Cloud Film 云胶片",
         version=__version__,
         docs_url="/api/docs",
+        swagger_ui_oauth2_redirect_url="/api/docs/oauth2-redirect",
         openapi_url="/api/openapi.json",
         redoc_url=None,
     )
@@ -96,8 +98,9 @@ def create_app(archive: Archive) -> FastAPI:
         "/api/archive/summary",
         summary="Counts of what the archive holds (no patient data)",
         tags=["archive"],
+        responses={401: {"description": "no or invalid credentials"}},
     )
-    def summary() -> dict[str, int]:
+    def summary(_caller: Annotated[Actor, Depends(require_actor)]) -> dict[str, int]:
         with archive.db.read_session() as session:
             return stats.counts(session=session).as_dict()
 

@@ -146,6 +146,11 @@ class HttpSettings(_Section):
     port: int = 8000
     """TCP port of the HTTP server."""
 
+    public_url: str | None = None
+    """The address clients reach us at, e.g. ``https://film.hospital.cn``: used in the URLs
+    we hand out (RetrieveURL, BulkDataURI). Default: taken from each request's Host header,
+    which is right unless a proxy or client rewrites it."""
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(

@@ -43,7 +43,8 @@ def _archive(request: Request) -> Archive:
 
 
 def base_url(request: Request) -> str:
-    return str(request.base_url).rstrip("/") + "/dicom-web"
+    public = _archive(request).settings.http.public_url
+    return (public or str(request.base_url)).rstrip("/") + "/dicom-web"
 
 
 # --------------------------------------------------------------------------- QIDO-RS
