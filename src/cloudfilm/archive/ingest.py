@@ -55,6 +55,7 @@ class IngestResult:
     reason: str | None = None
     """Why the object was rejected, or a note about a duplicate."""
     notes: list[str] = field(default_factory=list)
+    sop_class_uid: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -96,8 +97,12 @@ class Archive:
         *,
         actor: Actor,
         transfer_syntax_uid: str | None = None,
+        study_instance_uid: str | None = None,
     ) -> IngestResult:
         """Validate, store and index one object. Never raises for bad input.
+
+        ``study_instance_uid``, when given, is the study the sender says the object belongs
+        to (STOW-RS ``POST /studies/{study}``); an object of another study is refused.
 
         Raises
         ------
@@ -107,6 +112,11 @@ class Archive:
         """
         try:
             parsed = parse_instance(data, self.limits, transfer_syntax_uid=transfer_syntax_uid)
+            if study_instance_uid and parsed.study_instance_uid != study_instance_uid:
+                raise InvalidDicom(
+                    f"the object belongs to study {parsed.study_instance_uid}, "
+                    f"not to {study_instance_uid} named in the request"
+                )
         except InvalidDicom as exc:
             self._record_rejection(actor, str(exc), data)
             return IngestResult(IngestStatus.REJECTED, reason=str(exc))
@@ -144,7 +154,12 @@ class Archive:
         status: IngestStatus, parsed: ParsedInstance, reason: str | None = None
     ) -> IngestResult:
         return IngestResult(
-            status, parsed.sop_instance_uid, parsed.study_instance_uid, reason, parsed.notes
+            status,
+            parsed.sop_instance_uid,
+            parsed.study_instance_uid,
+            reason,
+            parsed.notes,
+            str(parsed.ds.SOPClassUID),
         )
 
     def _known_checksum(self, sop_instance_uid: str) -> str | None:

@@ -1,6 +1,6 @@
 """DICOMweb routes under ``/dicom-web`` (PS3.18): QIDO-RS search, WADO-RS metadata and
-retrieve. Every route depends on :func:`require_actor`; the audit middleware records each
-request."""
+retrieve, STOW-RS store. Every route depends on :func:`require_actor`; the audit
+middleware records each request."""
 
 from __future__ import annotations
 
@@ -10,16 +10,20 @@ import secrets
 from collections.abc import Iterator
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from cloudfilm.archive.ingest import Archive
 from cloudfilm.archive.matching import Level, QueryError
 from cloudfilm.archive.models import Instance, InstanceMetadata, Series, Study
 from cloudfilm.audit.service import Actor
 from cloudfilm.auth.deps import require_actor
-from cloudfilm.dicomweb import qido
+from cloudfilm.dicomweb import qido, stow
+from cloudfilm.errors import StorageUnavailable
 
 DICOM_JSON = "application/dicom+json"
 _CHUNK = 1024 * 1024
@@ -312,3 +316,104 @@ def retrieve_instance(
     study: str, series: str, instance: str, request: Request, _caller: Caller
 ) -> StreamingResponse:
     return _retrieve(request, study, series, instance)
+
+
+# --------------------------------------------------------------------------- STOW-RS
+
+_STOW_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_ERRORS,
+    202: {"description": "some instances stored, some failed (see FailedSOPSequence)"},
+    409: {"description": "no instance could be stored (see FailedSOPSequence)"},
+    415: {"description": "not multipart/related with application/dicom parts"},
+}
+
+
+async def _store(request: Request, caller: Actor, study: str | None) -> Response:
+    archive = _archive(request)
+    media, params = stow.content_type_parameters(request.headers.get("content-type", ""))
+    part_type = params.get("type", "application/dicom").lower()
+    if (
+        media != "multipart/related"
+        or part_type != "application/dicom"
+        or not params.get("boundary")
+    ):
+        raise DicomwebError(
+            415,
+            'send multipart/related; type="application/dicom"; boundary=... '
+            f"(got {media or 'no Content-Type'}"
+            + (f"; type={part_type}" if media == "multipart/related" else "")
+            + ")",
+        )
+    collector = stow.PartCollector(params["boundary"], archive.limits.max_object_bytes)
+    referenced: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    root = base_url(request)
+
+    def handle(part: stow.Part) -> None:
+        kind = part.headers.get("content-type", "application/dicom").split(";")[0].strip()
+        if kind.lower() != "application/dicom":
+            failed.append({"00081197": {"vr": "US", "Value": [stow.UNSUPPORTED_MEDIA]}})
+            return
+        if part.too_large:
+            failed.append({"00081197": {"vr": "US", "Value": [stow.OUT_OF_RESOURCES]}})
+            return
+        try:
+            result = archive.ingest(bytes(part.data), actor=caller, study_instance_uid=study)
+        except StorageUnavailable:
+            failed.append({"00081197": {"vr": "US", "Value": [stow.OUT_OF_RESOURCES]}})
+            return
+        item = stow.sop_reference(result)
+        reason = stow.failure_reason(result)
+        if reason is not None:
+            if study and result.reason and "named in the request" in result.reason:
+                reason = stow.STUDY_MISMATCH
+            item["00081197"] = {"vr": "US", "Value": [reason]}
+            failed.append(item)
+            return
+        item["00081190"] = {
+            "vr": "UR",
+            "Value": [
+                f"{root}/studies/{result.study_instance_uid}/instances/{result.sop_instance_uid}"
+            ],
+        }
+        referenced.append(item)
+
+    try:
+        async for chunk in request.stream():
+            for part in collector.write(chunk):
+                await run_in_threadpool(handle, part)
+    except stow.StowError as exc:
+        raise DicomwebError(
+            exc.status, f"{exc.message}; {len(referenced)} instance(s) before the error were stored"
+        ) from exc
+    except ClientDisconnect:
+        return Response(status_code=400)  # nobody is listening; nothing partial was stored
+    if not collector.ended:
+        raise DicomwebError(
+            400,
+            f"the body ended before the closing boundary; {len(referenced)} complete "
+            "instance(s) before it were stored, the cut-off part was not",
+        )
+    if not referenced and not failed:
+        raise DicomwebError(400, "the multipart body holds no part")
+    body: dict[str, Any] = {}
+    if study:
+        body["00081190"] = {"vr": "UR", "Value": [f"{root}/studies/{study}"]}
+    if failed:
+        body["00081198"] = {"vr": "SQ", "Value": failed}
+    if referenced:
+        body["00081199"] = {"vr": "SQ", "Value": referenced}
+    status = 200 if not failed else 202 if referenced else 409
+    return Response(orjson.dumps(body), status_code=status, media_type=DICOM_JSON)
+
+
+@router.post("/studies", summary="Store instances (STOW-RS)", responses=_STOW_ERRORS)
+async def store_instances(request: Request, caller: Caller) -> Response:
+    return await _store(request, caller, None)
+
+
+@router.post(
+    "/studies/{study}", summary="Store instances of one study (STOW-RS)", responses=_STOW_ERRORS
+)
+async def store_study_instances(study: str, request: Request, caller: Caller) -> Response:
+    return await _store(request, caller, _uid(study))
