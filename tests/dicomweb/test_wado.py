@@ -148,3 +148,57 @@ def test_disabled_client_is_refused(ct: tuple[LiveServer, str, str, str]) -> Non
     with server.archive.db.session() as session:
         set_enabled(session=session, name="pytest", enabled=False)
     assert httpx.get(url, headers=server.headers).status_code == 401
+
+
+def test_frames__native_and_compressed(live_server: LiveServer) -> None:
+    archive = live_server.archive
+    for name in ("ct_small.dcm", "emri_small_jpeg_ls_lossless.dcm"):
+        assert archive.ingest((DATA / name).read_bytes(), actor=ACTOR).ok
+    client = _client(live_server)
+    ct = dcmread(DATA / "ct_small.dcm")
+    [frame] = client.retrieve_instance_frames(
+        ct.StudyInstanceUID,
+        ct.SeriesInstanceUID,
+        ct.SOPInstanceUID,
+        frame_numbers=[1],
+        media_types=("application/octet-stream",),
+    )
+    assert frame == ct.PixelData
+    mr = dcmread(DATA / "emri_small_jpeg_ls_lossless.dcm")
+    from pydicom.encaps import generate_frames
+
+    originals = list(generate_frames(mr.PixelData, number_of_frames=10))
+    got = client.retrieve_instance_frames(
+        mr.StudyInstanceUID,
+        mr.SeriesInstanceUID,
+        mr.SOPInstanceUID,
+        frame_numbers=[1, 3, 10],
+        media_types=(("application/octet-stream", "*"),),
+    )
+    assert got == [originals[0], originals[2], originals[9]]
+    jls = client.retrieve_instance_frames(
+        mr.StudyInstanceUID,
+        mr.SeriesInstanceUID,
+        mr.SOPInstanceUID,
+        frame_numbers=[2],
+        media_types=(("image/jls", "1.2.840.10008.1.2.4.80"),),
+    )
+    assert jls == [originals[1]]
+    base = (
+        f"{live_server.url}/dicom-web/studies/{mr.StudyInstanceUID}/series/"
+        f"{mr.SeriesInstanceUID}/instances/{mr.SOPInstanceUID}"
+    )
+    plain = {**live_server.headers, "Accept": 'multipart/related; type="application/octet-stream"'}
+    assert httpx.get(f"{base}/frames/1", headers=plain).status_code == 406
+    assert httpx.get(f"{base}/frames/11", headers=live_server.headers).status_code == 404
+    assert httpx.get(f"{base}/frames/0,x", headers=live_server.headers).status_code == 400
+
+
+def test_bulkdata__pixel_data(ct: tuple[LiveServer, str, str, str]) -> None:
+    server, study, series, sop = ct
+    [metadata] = _client(server).retrieve_study_metadata(study)
+    path = urlparse(metadata["7FE00010"]["BulkDataURI"]).path
+    data = _client(server).retrieve_bulkdata(f"{server.url}{path}")
+    assert data == [dcmread(DATA / "ct_small.dcm").PixelData]
+    missing = httpx.get(f"{server.url}{path[:-8]}00091234", headers=server.headers)
+    assert missing.status_code == 404

@@ -22,7 +22,7 @@ from cloudfilm.archive.matching import Level, QueryError
 from cloudfilm.archive.models import Instance, InstanceMetadata, Series, Study
 from cloudfilm.audit.service import Actor
 from cloudfilm.auth.deps import require_actor
-from cloudfilm.dicomweb import qido, stow
+from cloudfilm.dicomweb import qido, stow, wado
 from cloudfilm.errors import StorageUnavailable
 
 DICOM_JSON = "application/dicom+json"
@@ -417,3 +417,62 @@ async def store_instances(request: Request, caller: Caller) -> Response:
 )
 async def store_study_instances(study: str, request: Request, caller: Caller) -> Response:
     return await _store(request, caller, _uid(study))
+
+
+# --------------------------------------------------------------------------- frames, bulk data
+
+
+def _one_blob(request: Request, study: str, series: str, instance: str) -> bytes:
+    [(row, _, _)] = _instances(request, study, series, instance)
+    return _archive(request).storage.read(row.storage_key)
+
+
+def _multipart(parts: list[tuple[str, bytes]]) -> Response:
+    boundary = secrets.token_hex(16)
+    chunks = []
+    for content_type, data in parts:
+        chunks.append(
+            f"--{boundary}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n".encode("ascii")
+        )
+        chunks.append(data)
+        chunks.append(b"\r\n")
+    chunks.append(f"--{boundary}--\r\n".encode("ascii"))
+    first = parts[0][0].split(";")[0] if parts else "application/octet-stream"
+    return Response(
+        b"".join(chunks), media_type=f'multipart/related; type="{first}"; boundary={boundary}'
+    )
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}",
+    summary="Retrieve frames (1-based list: 1,2,3)",
+    responses=_RETRIEVE_ERRORS,
+)
+def retrieve_frames(
+    study: str, series: str, instance: str, frames: str, request: Request, _caller: Caller
+) -> Response:
+    blob = _one_blob(request, study, series, instance)
+    try:
+        found = wado.frames(blob, frames, request.headers.get("accept", "*/*"))
+    except wado.FrameError as exc:
+        raise DicomwebError(exc.status, exc.message) from exc
+    return _multipart(
+        [(f"{f.media_type}; transfer-syntax={f.transfer_syntax_uid}", f.data) for f in found]
+    )
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/bulkdata/{tag}",
+    summary="Retrieve the bulk data of one element",
+    responses=_RETRIEVE_ERRORS,
+)
+def retrieve_bulkdata(
+    study: str, series: str, instance: str, tag: str, request: Request, _caller: Caller
+) -> Response:
+    blob = _one_blob(request, study, series, instance)
+    try:
+        data = wado.bulkdata(blob, tag)
+    except wado.FrameError as exc:
+        raise DicomwebError(exc.status, exc.message) from exc
+    return _multipart([("application/octet-stream", data)])
