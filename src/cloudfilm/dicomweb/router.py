@@ -22,7 +22,7 @@ from cloudfilm.archive.matching import Level, QueryError
 from cloudfilm.archive.models import Instance, InstanceMetadata, Series, Study
 from cloudfilm.audit.service import Actor
 from cloudfilm.auth.deps import require_actor
-from cloudfilm.dicomweb import qido, stow, wado
+from cloudfilm.dicomweb import qido, rendered, stow, wado
 from cloudfilm.errors import StorageUnavailable
 
 DICOM_JSON = "application/dicom+json"
@@ -476,3 +476,89 @@ def retrieve_bulkdata(
     except wado.FrameError as exc:
         raise DicomwebError(exc.status, exc.message) from exc
     return _multipart([("application/octet-stream", data)])
+
+
+# --------------------------------------------------------------------------- rendered, thumbnail
+
+_RENDER_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_RETRIEVE_ERRORS,
+    422: {"description": "the pixel data cannot be decoded"},
+}
+_THUMBNAIL = (128, 128)
+
+
+def _render(
+    request: Request, row: Instance, frame: int, default_viewport: tuple[int, int] | None = None
+) -> Response:
+    try:
+        opts = rendered.options(
+            dict(request.query_params),
+            request.headers.get("accept", ""),
+            default_viewport=default_viewport,
+        )
+        image = rendered.render(_archive(request).storage.read(row.storage_key), frame, opts)
+    except rendered.RenderError as exc:
+        raise DicomwebError(exc.status, exc.message) from exc
+    return Response(
+        image, media_type=opts.media_type, headers={"Cache-Control": "private, max-age=3600"}
+    )
+
+
+def _representative(request: Request, study: str, series: str | None) -> Instance:
+    """The middle instance of the (first) series: what a thumbnail shows."""
+    rows = _instances(request, study, series, None)
+    first_series = rows[0][1]
+    in_series = [row for row, series_uid, _ in rows if series_uid == first_series]
+    return in_series[len(in_series) // 2]
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/rendered",
+    summary="Rendered instance (first frame; JPEG or PNG)",
+    responses=_RENDER_ERRORS,
+)
+def rendered_instance(
+    study: str, series: str, instance: str, request: Request, _caller: Caller
+) -> Response:
+    [(row, _, _)] = _instances(request, study, series, instance)
+    return _render(request, row, 1)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/frames/{frame}/rendered",
+    summary="Rendered frame (JPEG or PNG)",
+    responses=_RENDER_ERRORS,
+)
+def rendered_frame(
+    study: str, series: str, instance: str, frame: str, request: Request, _caller: Caller
+) -> Response:
+    if not frame.isdigit() or len(frame) > 7:
+        raise DicomwebError(400, "one frame number (1, 2, ...) is rendered at a time")
+    [(row, _, _)] = _instances(request, study, series, instance)
+    return _render(request, row, int(frame))
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/thumbnail",
+    summary="Thumbnail of an instance",
+    responses=_RENDER_ERRORS,
+)
+def instance_thumbnail(
+    study: str, series: str, instance: str, request: Request, _caller: Caller
+) -> Response:
+    [(row, _, _)] = _instances(request, study, series, instance)
+    return _render(request, row, 1, _THUMBNAIL)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/thumbnail",
+    summary="Thumbnail of a series",
+    responses=_RENDER_ERRORS,
+)
+def series_thumbnail(study: str, series: str, request: Request, _caller: Caller) -> Response:
+    return _render(request, _representative(request, study, series), 1, _THUMBNAIL)
+
+
+@router.get("/studies/{study}/thumbnail", summary="Thumbnail of a study", responses=_RENDER_ERRORS)
+def study_thumbnail(study: str, request: Request, _caller: Caller) -> Response:
+    return _render(request, _representative(request, study, None), 1, _THUMBNAIL)
