@@ -103,15 +103,6 @@ def test_retrieve__unknown_or_invalid(
     assert response.json()["error"]
 
 
-def test_retrieve__unsatisfiable_accept_is_406(ct: tuple[LiveServer, str, str, str]) -> None:
-    server, study, _, _ = ct
-    accept = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.80'
-    response = httpx.get(
-        f"{server.url}/dicom-web/studies/{study}", headers={**server.headers, "Accept": accept}
-    )
-    assert response.status_code == 406
-
-
 def test_every_route_refuses_anonymous_and_is_audited(live_server: LiveServer) -> None:
     """Route enumeration (SECURITY-CHECKS D1/G1): each protected route answers 401 without
     credentials or with a wrong token, and each request leaves one audit record."""
@@ -202,3 +193,40 @@ def test_bulkdata__pixel_data(ct: tuple[LiveServer, str, str, str]) -> None:
     assert data == [dcmread(DATA / "ct_small.dcm").PixelData]
     missing = httpx.get(f"{server.url}{path[:-8]}00091234", headers=server.headers)
     assert missing.status_code == 404
+
+
+@pytest.mark.parametrize(
+    "syntax",
+    [
+        "1.2.840.10008.1.2.1",
+        "1.2.840.10008.1.2.4.80",
+        "1.2.840.10008.1.2.4.90",
+        "1.2.840.10008.1.2.5",
+    ],
+)
+def test_retrieve__transcoded_pixels_identical(live_server: LiveServer, syntax: str) -> None:
+    """Lossless transfer syntaxes on request; the decoded pixels equal the stored ones."""
+    archive = live_server.archive
+    for name in ("ct_small.dcm", "emri_small_jpeg_ls_lossless.dcm"):
+        assert archive.ingest((DATA / name).read_bytes(), actor=ACTOR).ok
+    client = _client(live_server)
+    for name in ("ct_small.dcm", "emri_small_jpeg_ls_lossless.dcm"):
+        original = dcmread(DATA / name)
+        got = client.retrieve_instance(
+            original.StudyInstanceUID,
+            original.SeriesInstanceUID,
+            original.SOPInstanceUID,
+            media_types=(("application/dicom", syntax),),
+        )
+        assert got.file_meta.TransferSyntaxUID == syntax
+        assert (got.pixel_array == original.pixel_array).all()
+
+
+def test_retrieve__htj2k_not_available_is_406(ct: tuple[LiveServer, str, str, str]) -> None:
+    server, study, _, _ = ct
+    accept = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.201'
+    response = httpx.get(
+        f"{server.url}/dicom-web/studies/{study}", headers={**server.headers, "Accept": accept}
+    )
+    assert response.status_code == 406
+    assert "1.2.840.10008.1.2.4.80" in response.json()["error"]

@@ -24,6 +24,7 @@ from cloudfilm.audit.service import Actor
 from cloudfilm.auth.deps import require_actor
 from cloudfilm.dicomweb import qido, rendered, stow, wado
 from cloudfilm.errors import StorageUnavailable
+from cloudfilm.storage import codecs
 
 DICOM_JSON = "application/dicom+json"
 _CHUNK = 1024 * 1024
@@ -235,12 +236,17 @@ def instance_metadata(
     return _metadata(request, study, series, instance)
 
 
-def _check_accept(request: Request) -> None:
-    """We send what is stored (original transfer syntax) as multipart/related
-    application/dicom; refuse (406) anything a client insists on that we cannot produce."""
+def _wanted_syntax(request: Request) -> str | None:
+    """The transfer syntax the Accept header asks for: ``None`` for the stored one.
+
+    PS3.18 8.7.3.5: ``multipart/related; type="application/dicom"; transfer-syntax=...``;
+    ``*`` (or no parameter with ``*/*``) means "as stored". Lossless targets we can
+    produce are served by transcoding; anything else is 406.
+    """
     accept = request.headers.get("accept", "*/*").lower()
     if not accept.strip():
-        return
+        return None
+    offered = []
     for item in accept.split(","):
         media = item.split(";")[0].strip()
         params = {
@@ -248,40 +254,55 @@ def _check_accept(request: Request) -> None:
             for k, _, v in (p.partition("=") for p in item.split(";")[1:])
         }
         if media in ("*/*", "multipart/*"):
-            return
-        if (
-            media == "multipart/related"
-            and params.get("type", "application/dicom")
-            in ("application/dicom", "application/*", "*/*")
-            and params.get("transfer-syntax", "*") in ("*", "")
+            return None
+        if media == "multipart/related" and params.get("type", "application/dicom") not in (
+            "application/dicom",
+            "application/*",
+            "*/*",
         ):
-            return
-        if media == "application/dicom" and params.get("transfer-syntax", "*") == "*":
-            return
+            continue
+        if media not in ("multipart/related", "application/dicom"):
+            continue
+        syntax = params.get("transfer-syntax", "*")
+        if syntax in ("*", ""):
+            return None
+        if codecs.can_produce(syntax):
+            return syntax
+        offered.append(syntax)
     raise DicomwebError(
         406,
-        'can send multipart/related; type="application/dicom" in the stored transfer '
-        "syntax (transfer-syntax=*); transcoding on request is not available yet",
+        'can send multipart/related; type="application/dicom" as stored (transfer-syntax=*) '
+        f"or in {', '.join(codecs.TARGETS)}; not in {', '.join(offered) or accept[:100]}",
     )
 
 
 def _retrieve(
     request: Request, study: str, series: str | None, instance: str | None
 ) -> StreamingResponse:
-    _check_accept(request)
+    target = _wanted_syntax(request)
     rows = _instances(request, study, series, instance)
     storage = _archive(request).storage
     boundary = secrets.token_hex(16)
 
+    def part(syntax: str, size: int) -> bytes:
+        return (
+            f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={syntax}\r\n"
+            f"Content-Length: {size}\r\n\r\n"
+        ).encode("ascii")
+
     def body() -> Iterator[bytes]:
         for row, _, _ in rows:
-            yield (
-                f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax="
-                f"{row.transfer_syntax_uid}\r\nContent-Length: {row.byte_size}\r\n\r\n"
-            ).encode("ascii")
-            with storage.open(row.storage_key) as fh:
-                while chunk := fh.read(_CHUNK):
-                    yield chunk
+            if target is None or target == row.transfer_syntax_uid:
+                yield part(row.transfer_syntax_uid, row.byte_size)
+                with storage.open(row.storage_key) as fh:
+                    while chunk := fh.read(_CHUNK):
+                        yield chunk
+            else:
+                # A failure here cannot change the status any more: the stream ends early
+                # and the client sees a truncated multipart body, never a wrong object.
+                data = codecs.transcode(storage.read(row.storage_key), target)
+                yield part(target, len(data))
+                yield data
             yield b"\r\n"
         yield f"--{boundary}--\r\n".encode("ascii")
 
