@@ -23,6 +23,7 @@ from cloudfilm.audit.service import Actor
 from cloudfilm.auth.deps import client_address, require_actor
 from cloudfilm.dicomweb.router import DicomwebError
 from cloudfilm.dicomweb.router import router as dicomweb_router
+from cloudfilm.dicomweb.wado_uri import router as wado_uri_router
 
 _HOME = Template((Path(__file__).parent / "templates" / "home.html").read_text("utf-8"))
 
@@ -45,6 +46,7 @@ def create_app(archive: Archive) -> FastAPI:
     )
     app.state.archive = archive
     app.include_router(dicomweb_router)
+    app.include_router(wado_uri_router)
 
     @app.exception_handler(DicomwebError)
     def dicomweb_error(_request: Request, exc: DicomwebError) -> JSONResponse:

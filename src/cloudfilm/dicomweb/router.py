@@ -42,13 +42,13 @@ class DicomwebError(Exception):
         self.message = message
 
 
-def _archive(request: Request) -> Archive:
+def archive_of(request: Request) -> Archive:
     archive: Archive = request.app.state.archive
     return archive
 
 
 def base_url(request: Request) -> str:
-    public = _archive(request).settings.http.public_url
+    public = archive_of(request).settings.http.public_url
     return (public or str(request.base_url)).rstrip("/") + "/dicom-web"
 
 
@@ -61,7 +61,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def _search(request: Request, level: Level, fixed: dict[str, str]) -> Response:
-    archive = _archive(request)
+    archive = archive_of(request)
     try:
         parsed = qido.parse_search(
             level,
@@ -140,7 +140,7 @@ _RETRIEVE_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _instances(
+def instances_of(
     request: Request, study: str, series: str | None, instance: str | None
 ) -> list[tuple[Instance, str, str]]:
     """The instances addressed by the path, with their series and study UIDs (404 if none)."""
@@ -155,7 +155,7 @@ def _instances(
         stmt = stmt.where(Series.series_instance_uid == _uid(series))
     if instance is not None:
         stmt = stmt.where(Instance.sop_instance_uid == _uid(instance))
-    with _archive(request).db.read_session() as session:
+    with archive_of(request).db.read_session() as session:
         rows = [(row[0], row[1], row[2]) for row in session.execute(stmt)]
     if not rows:
         what = "instance" if instance else "series" if series else "study"
@@ -181,7 +181,7 @@ def _metadata(request: Request, study: str, series: str | None, instance: str | 
         stmt = stmt.where(Series.series_instance_uid == _uid(series))
     if instance is not None:
         stmt = stmt.where(Instance.sop_instance_uid == _uid(instance))
-    with _archive(request).db.read_session() as session:
+    with archive_of(request).db.read_session() as session:
         rows = session.execute(stmt).all()
     if not rows:
         what = "instance" if instance else "series" if series else "study"
@@ -280,8 +280,8 @@ def _retrieve(
     request: Request, study: str, series: str | None, instance: str | None
 ) -> StreamingResponse:
     target = _wanted_syntax(request)
-    rows = _instances(request, study, series, instance)
-    storage = _archive(request).storage
+    rows = instances_of(request, study, series, instance)
+    storage = archive_of(request).storage
     boundary = secrets.token_hex(16)
 
     def part(syntax: str, size: int) -> bytes:
@@ -350,7 +350,7 @@ _STOW_ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 async def _store(request: Request, caller: Actor, study: str | None) -> Response:
-    archive = _archive(request)
+    archive = archive_of(request)
     media, params = stow.content_type_parameters(request.headers.get("content-type", ""))
     part_type = params.get("type", "application/dicom").lower()
     if (
@@ -444,8 +444,8 @@ async def store_study_instances(study: str, request: Request, caller: Caller) ->
 
 
 def _one_blob(request: Request, study: str, series: str, instance: str) -> bytes:
-    [(row, _, _)] = _instances(request, study, series, instance)
-    return _archive(request).storage.read(row.storage_key)
+    [(row, _, _)] = instances_of(request, study, series, instance)
+    return archive_of(request).storage.read(row.storage_key)
 
 
 def _multipart(parts: list[tuple[str, bytes]]) -> Response:
@@ -517,7 +517,7 @@ def _render(
             request.headers.get("accept", ""),
             default_viewport=default_viewport,
         )
-        image = rendered.render(_archive(request).storage.read(row.storage_key), frame, opts)
+        image = rendered.render(archive_of(request).storage.read(row.storage_key), frame, opts)
     except rendered.RenderError as exc:
         raise DicomwebError(exc.status, exc.message) from exc
     return Response(
@@ -527,7 +527,7 @@ def _render(
 
 def _representative(request: Request, study: str, series: str | None) -> Instance:
     """The middle instance of the (first) series: what a thumbnail shows."""
-    rows = _instances(request, study, series, None)
+    rows = instances_of(request, study, series, None)
     first_series = rows[0][1]
     in_series = [row for row, series_uid, _ in rows if series_uid == first_series]
     return in_series[len(in_series) // 2]
@@ -541,7 +541,7 @@ def _representative(request: Request, study: str, series: str | None) -> Instanc
 def rendered_instance(
     study: str, series: str, instance: str, request: Request, _caller: Caller
 ) -> Response:
-    [(row, _, _)] = _instances(request, study, series, instance)
+    [(row, _, _)] = instances_of(request, study, series, instance)
     return _render(request, row, 1)
 
 
@@ -555,7 +555,7 @@ def rendered_frame(
 ) -> Response:
     if not frame.isdigit() or len(frame) > 7:
         raise DicomwebError(400, "one frame number (1, 2, ...) is rendered at a time")
-    [(row, _, _)] = _instances(request, study, series, instance)
+    [(row, _, _)] = instances_of(request, study, series, instance)
     return _render(request, row, int(frame))
 
 
@@ -567,7 +567,7 @@ def rendered_frame(
 def instance_thumbnail(
     study: str, series: str, instance: str, request: Request, _caller: Caller
 ) -> Response:
-    [(row, _, _)] = _instances(request, study, series, instance)
+    [(row, _, _)] = instances_of(request, study, series, instance)
     return _render(request, row, 1, _THUMBNAIL)
 
 
