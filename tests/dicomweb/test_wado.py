@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import io
 import re
+import zipfile
+from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
@@ -11,9 +14,11 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 from fastapi.routing import APIRoute
 from pydicom import dcmread
+from pydicom.fileset import FileSet
 from sqlalchemy import func, select
 
 from cloudfilm.app import PUBLIC_PATHS, create_app
+from cloudfilm.archive.models import Instance
 from cloudfilm.audit.models import AuditEvent
 from cloudfilm.audit.service import Actor
 
@@ -230,3 +235,38 @@ def test_retrieve__htj2k_not_available_is_406(ct: tuple[LiveServer, str, str, st
     )
     assert response.status_code == 406
     assert "1.2.840.10008.1.2.4.80" in response.json()["error"]
+
+
+def test_study_archive__zip_with_dicomdir(live_server: LiveServer, tmp_path: Path) -> None:
+    """Two series (one object lacks Study ID and Study Time): the stored files, byte for
+    byte, in a DICOMDIR file-set that pydicom reads back."""
+    ct = dcmread(DATA / "ct_small.dcm")
+    mr = dcmread(DATA / "mr_small.dcm")
+    mr.StudyInstanceUID = ct.StudyInstanceUID
+    mr.PatientID = ct.PatientID
+    buffer = io.BytesIO()
+    mr.save_as(buffer, enforce_file_format=True)
+    archive = live_server.archive
+    assert archive.ingest((DATA / "ct_small.dcm").read_bytes(), actor=ACTOR).ok
+    assert archive.ingest(buffer.getvalue(), actor=ACTOR).ok
+    response = httpx.get(
+        f"{live_server.url}/dicom-web/studies/{ct.StudyInstanceUID}/archive",
+        headers=live_server.headers,
+    )
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(response.content)) as zf:
+        zf.extractall(tmp_path)
+        names = zf.namelist()
+    assert names[0] == "DICOMDIR" and len(names) == 3
+    fileset = FileSet(dcmread(tmp_path / "DICOMDIR"))
+    assert sorted(i.SOPInstanceUID for i in fileset) == sorted(
+        [ct.SOPInstanceUID, mr.SOPInstanceUID]
+    )
+    with archive.db.read_session() as session:
+        stored = {
+            i.sop_instance_uid: archive.storage.read(i.storage_key)
+            for i in session.scalars(select(Instance))
+        }
+    for instance in fileset:
+        assert Path(instance.path).read_bytes() == stored[instance.SOPInstanceUID]

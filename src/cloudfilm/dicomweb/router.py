@@ -17,6 +17,7 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from cloudfilm.archive import export
 from cloudfilm.archive.ingest import Archive
 from cloudfilm.archive.matching import Level, QueryError
 from cloudfilm.archive.models import Instance, InstanceMetadata, Series, Study
@@ -583,3 +584,21 @@ def series_thumbnail(study: str, series: str, request: Request, _caller: Caller)
 @router.get("/studies/{study}/thumbnail", summary="Thumbnail of a study", responses=_RENDER_ERRORS)
 def study_thumbnail(study: str, request: Request, _caller: Caller) -> Response:
     return _render(request, _representative(request, study, None), 1, _THUMBNAIL)
+
+
+# --------------------------------------------------------------------------- study ZIP
+
+
+@router.get(
+    "/studies/{study}/archive",
+    summary="Download a study as ZIP (DICOM files + DICOMDIR)",
+    responses={**_RETRIEVE_ERRORS, 200: {"content": {"application/zip": {}}}},
+)
+def study_archive(study: str, request: Request, _caller: Caller) -> StreamingResponse:
+    rows = instances_of(request, study, None, None)
+    objects = [(row.sop_instance_uid, row.storage_key) for row, _, _ in rows]
+    return StreamingResponse(
+        export.study_zip(archive_of(request).storage, objects),
+        media_type="application/zip",
+        headers={"Content-Disposition": f'attachment; filename="{study}.zip"'},
+    )
