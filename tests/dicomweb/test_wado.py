@@ -270,3 +270,24 @@ def test_study_archive__zip_with_dicomdir(live_server: LiveServer, tmp_path: Pat
         }
     for instance in fileset:
         assert Path(instance.path).read_bytes() == stored[instance.SOPInstanceUID]
+
+
+def test_capabilities__wadl_lists_the_services(live_server: LiveServer) -> None:
+    from xml.etree import ElementTree
+
+    for method, path in (("GET", "/dicom-web/capabilities"), ("OPTIONS", "/dicom-web")):
+        response = httpx.request(method, f"{live_server.url}{path}", headers=live_server.headers)
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "application/vnd.sun.wadl+xml"
+        ns = {"w": "http://wadl.dev.java.net/2009/02"}
+        root = ElementTree.fromstring(response.content)
+        paths = {r.get("path") for r in root.iterfind(".//w:resource", ns)}
+        assert {
+            "/studies",
+            "/studies/{study}/metadata",
+            "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}",
+        } <= paths
+        methods = {
+            m.get("name") for m in root.iterfind(".//w:resource[@path='/studies']/w:method", ns)
+        }
+        assert methods == {"GET", "POST"}

@@ -9,10 +9,12 @@ import hashlib
 import secrets
 from collections.abc import Iterator
 from typing import Annotated, Any
+from xml.sax.saxutils import escape as xml_escape
 
 import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
+from fastapi.routing import APIRoute
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
@@ -602,3 +604,38 @@ def study_archive(study: str, request: Request, _caller: Caller) -> StreamingRes
         media_type="application/zip",
         headers={"Content-Disposition": f'attachment; filename="{study}.zip"'},
     )
+
+
+# --------------------------------------------------------------------------- capabilities
+
+
+def _wadl(request: Request) -> Response:
+    """PS3.18 8.9: the service description as WADL, built from the routes themselves."""
+    resources: dict[str, list[tuple[str, str]]] = {}
+    for route in router.routes:
+        if isinstance(route, APIRoute):
+            relative = route.path.removeprefix("/dicom-web") or "/"
+            for method in sorted(route.methods or ()):
+                resources.setdefault(relative, []).append((method, route.summary or ""))
+    lines = [
+        '<?xml version="1.0" encoding="UTF-8"?>',
+        '<application xmlns="http://wadl.dev.java.net/2009/02">',
+        f'  <resources base="{xml_escape(base_url(request))}">',
+    ]
+    for path in sorted(resources):
+        lines.append(f'    <resource path="{xml_escape(path)}">')
+        for method, summary in resources[path]:
+            lines.append(f'      <method name="{method}"><doc>{xml_escape(summary)}</doc></method>')
+        lines.append("    </resource>")
+    lines += ["  </resources>", "</application>"]
+    return Response("\n".join(lines) + "\n", media_type="application/vnd.sun.wadl+xml")
+
+
+@router.get("/capabilities", summary="The services offered (WADL, PS3.18 8.9)", responses=_ERRORS)
+def capabilities(request: Request, _caller: Caller) -> Response:
+    return _wadl(request)
+
+
+@router.options("", summary="The services offered (WADL, PS3.18 8.9)", responses=_ERRORS)
+def capabilities_options(request: Request, _caller: Caller) -> Response:
+    return _wadl(request)
