@@ -184,8 +184,16 @@ def test_frames__native_and_compressed(live_server: LiveServer) -> None:
         f"{live_server.url}/dicom-web/studies/{mr.StudyInstanceUID}/series/"
         f"{mr.SeriesInstanceUID}/instances/{mr.SOPInstanceUID}"
     )
-    plain = {**live_server.headers, "Accept": 'multipart/related; type="application/octet-stream"'}
-    assert httpx.get(f"{base}/frames/1", headers=plain).status_code == 406
+    decoded = client.retrieve_instance_frames(
+        mr.StudyInstanceUID,
+        mr.SeriesInstanceUID,
+        mr.SOPInstanceUID,
+        frame_numbers=[4],
+        media_types=("application/octet-stream",),
+    )
+    assert decoded == [mr.pixel_array[3].astype("<u2").tobytes()]
+    gif = {**live_server.headers, "Accept": 'multipart/related; type="image/gif"'}
+    assert httpx.get(f"{base}/frames/1", headers=gif).status_code == 406
     assert httpx.get(f"{base}/frames/11", headers=live_server.headers).status_code == 404
     assert httpx.get(f"{base}/frames/0,x", headers=live_server.headers).status_code == 400
 

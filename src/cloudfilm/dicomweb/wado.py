@@ -3,8 +3,8 @@
 Frames are sent in the stored transfer syntax: uncompressed frames as
 ``application/octet-stream``, compressed ones as their image media type (PS3.18 Table
 8.7.3-2) or as octet-stream with a ``transfer-syntax`` parameter when the client accepts
-any (``transfer-syntax=*``, what OHIF and Cornerstone send). Decoding compressed frames
-for a client that accepts only uncompressed data is not offered yet (406).
+any (``transfer-syntax=*``, what OHIF and Cornerstone send). A client that accepts only
+uncompressed data gets the frame decoded (Explicit VR Little Endian).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
+from pydicom.pixels.utils import pixel_array
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
@@ -116,14 +117,29 @@ def frames(blob: bytes, numbers_text: str, accept: str) -> list[Frame]:
         kind = image_type
     elif any_syntax:
         kind = "application/octet-stream"
+    elif media & {"application/octet-stream", "multipart/related"}:
+        return [_decoded(blob, n, count) for n in numbers]
     else:
         raise FrameError(
             406,
-            f"the frames are stored compressed ({ts.name}); accept {image_type} or "
-            "transfer-syntax=* (decoding on request is not available yet)",
+            f"the frames are stored compressed ({ts.name}); accept {image_type}, "
+            "application/octet-stream or transfer-syntax=*",
         )
     all_frames = list(generate_frames(ds.PixelData, number_of_frames=count))
     return [Frame(all_frames[n - 1], kind, str(ts)) for n in numbers]
+
+
+def _decoded(blob: bytes, number: int, count: int) -> Frame:
+    """Frame ``number`` decoded to uncompressed little-endian pixels (Explicit VR LE).
+
+    Colour frames stored as YBR come out as RGB, as pydicom decodes them.
+    """
+    try:
+        pixels = pixel_array(io.BytesIO(blob), index=number - 1 if count > 1 else None)
+    except Exception as exc:  # noqa: BLE001 - any decoder failure: the data is damaged
+        raise FrameError(422, f"frame {number} cannot be decoded: {exc}") from exc
+    data = pixels.astype(pixels.dtype.newbyteorder("<"), copy=False).tobytes()
+    return Frame(data, "application/octet-stream", "1.2.840.10008.1.2.1")
 
 
 def bulkdata(blob: bytes, tag_text: str) -> bytes:
