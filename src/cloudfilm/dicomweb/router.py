@@ -143,52 +143,61 @@ _RETRIEVE_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def instances_of(
-    request: Request, study: str, series: str | None, instance: str | None
-) -> list[tuple[Instance, str, str]]:
-    """The instances addressed by the path, with their series and study UIDs (404 if none)."""
+def _addressed(
+    request: Request,
+    columns: list[Any],
+    study: str,
+    series: str | None,
+    instance: str | None,
+    *,
+    with_metadata: bool = False,
+) -> list[Any]:
+    """Rows of ``columns`` for the instances the path addresses, in display order (404 if
+    there are none)."""
     stmt = (
-        select(Instance, Series.series_instance_uid, Study.study_instance_uid)
+        select(*columns)
+        .select_from(Instance)
         .join(Series, Instance.series_pk == Series.id)
         .join(Study, Series.study_pk == Study.id)
         .where(Study.study_instance_uid == _uid(study))
         .order_by(Series.series_number, Series.id, Instance.instance_number, Instance.id)
     )
+    if with_metadata:
+        stmt = stmt.join(InstanceMetadata, InstanceMetadata.instance_pk == Instance.id)
     if series is not None:
         stmt = stmt.where(Series.series_instance_uid == _uid(series))
     if instance is not None:
         stmt = stmt.where(Instance.sop_instance_uid == _uid(instance))
     with archive_of(request).db.read_session() as session:
-        rows = [(row[0], row[1], row[2]) for row in session.execute(stmt)]
+        rows = list(session.execute(stmt).all())
     if not rows:
         what = "instance" if instance else "series" if series else "study"
         raise DicomwebError(404, f"no such {what} in this archive")
     return rows
 
 
+def instances_of(
+    request: Request, study: str, series: str | None, instance: str | None
+) -> list[tuple[Instance, str, str]]:
+    """The instances addressed by the path, with their series and study UIDs (404 if none)."""
+    columns = [Instance, Series.series_instance_uid, Study.study_instance_uid]
+    return [(r[0], r[1], r[2]) for r in _addressed(request, columns, study, series, instance)]
+
+
 def _metadata(request: Request, study: str, series: str | None, instance: str | None) -> Response:
-    stmt = (
-        select(
+    rows = _addressed(
+        request,
+        [
             InstanceMetadata.dicom_json,
             Series.series_instance_uid,
             Instance.sop_instance_uid,
             Instance.updated_at,
-        )
-        .join(Instance, InstanceMetadata.instance_pk == Instance.id)
-        .join(Series, Instance.series_pk == Series.id)
-        .join(Study, Series.study_pk == Study.id)
-        .where(Study.study_instance_uid == _uid(study))
-        .order_by(Series.series_number, Series.id, Instance.instance_number, Instance.id)
+        ],
+        study,
+        series,
+        instance,
+        with_metadata=True,
     )
-    if series is not None:
-        stmt = stmt.where(Series.series_instance_uid == _uid(series))
-    if instance is not None:
-        stmt = stmt.where(Instance.sop_instance_uid == _uid(instance))
-    with archive_of(request).db.read_session() as session:
-        rows = session.execute(stmt).all()
-    if not rows:
-        what = "instance" if instance else "series" if series else "study"
-        raise DicomwebError(404, f"no such {what} in this archive")
     root = f"{base_url(request)}/studies/{study}/series/"
     parts = []
     for text, series_uid, sop_uid, _ in rows:
