@@ -12,11 +12,23 @@ from cloudfilm.config import DuplicatePolicy, Environment, Settings
 
 def test_settings__environment_nested(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CLOUDFILM_DIMSE__PORT", "11999")
-    monkeypatch.setenv("CLOUDFILM_DIMSE__ALLOWED_CALLERS", '{"CT01": "10.0.0.5"}')
+    monkeypatch.setenv(
+        "CLOUDFILM_DIMSE__NODES",
+        '{"CT01": {"host": "10.0.0.5"}, "WS01": {"host": "10.0.0.6", "port": 104, '
+        '"allow_find": true, "allow_move": true}}',
+    )
     monkeypatch.setenv("CLOUDFILM_INGEST__DUPLICATE_POLICY", "replace")
     settings = Settings()
     assert settings.dimse.port == 11999
-    assert settings.dimse.allowed_callers == {"CT01": "10.0.0.5"}
+    ct, ws = settings.dimse.nodes["CT01"], settings.dimse.nodes["WS01"]
+    assert (ct.host, ct.port, ct.allow_store, ct.allow_find, ct.allow_move) == (
+        "10.0.0.5",
+        None,
+        True,
+        False,
+        False,
+    )
+    assert (ws.port, ws.allow_find, ws.allow_move, ws.allow_get) == (104, True, True, False)
     assert settings.ingest.duplicate_policy is DuplicatePolicy.REPLACE
 
 
@@ -25,7 +37,9 @@ def test_settings__toml_file_below_environment(
 ) -> None:
     config = tmp_path / "cloudfilm.toml"
     config.write_text(
-        'data_dir = "/srv/cf"\n[dimse]\nae_title = "HOSPITAL_PACS"\nport = 104\n', encoding="utf-8"
+        'data_dir = "/srv/cf"\n[dimse]\nae_title = "HOSPITAL_PACS"\nport = 104\n'
+        '[dimse.nodes.WS01]\nhost = "10.1.2.30"\nport = 11112\nallow_get = true\n',
+        encoding="utf-8",
     )
     monkeypatch.setenv("CLOUDFILM_CONFIG_FILE", str(config))
     monkeypatch.setenv("CLOUDFILM_DIMSE__PORT", "11112")
@@ -33,6 +47,8 @@ def test_settings__toml_file_below_environment(
     assert settings.data_dir == Path("/srv/cf")
     assert settings.dimse.ae_title == "HOSPITAL_PACS"
     assert settings.dimse.port == 11112  # the environment wins over the file
+    assert settings.dimse.nodes["WS01"].allow_get is True
+    assert settings.dimse.nodes["WS01"].allow_find is False
 
 
 def test_settings__defaults_are_embedded_and_closed(tmp_path: Path) -> None:
@@ -79,6 +95,19 @@ def test_settings__production_needs_key_database_and_real_password(
 def test_settings__ae_title_validated() -> None:
     with pytest.raises(ValidationError, match="AE title"):
         Settings(dimse={"ae_title": "A" * 17})
+    with pytest.raises(ValidationError, match="AE title"):
+        Settings(dimse={"nodes": {"A\\B": {"host": "10.0.0.1"}}})
+
+
+def test_settings__node_table_checked() -> None:
+    with pytest.raises(ValidationError, match="needs a real host"):
+        Settings(dimse={"nodes": {"WS01": {"port": 104}}})
+    with pytest.raises(ValidationError, match="not a TCP port"):
+        Settings(dimse={"nodes": {"WS01": {"host": "10.0.0.1", "port": 70000}}})
+    with pytest.raises(ValidationError, match="max_find_results"):
+        Settings(dimse={"max_find_results": 0})
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        Settings(dimse={"nodes": {"WS01": {"host": "10.0.0.1", "allow_delete": True}}})
 
 
 def test_configuration_doc_is_current() -> None:

@@ -14,7 +14,7 @@ import secrets
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
-from typing import Self
+from typing import Self, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -95,23 +95,77 @@ class IngestSettings(_Section):
     """Largest Rows x Columns accepted for one frame; larger headers are refused as absurd."""
 
 
+def _check_aet(value: str) -> str:
+    """An AE title (PS3.5 AE VR): 1 to 16 characters, no backslash, no control characters."""
+    text = value.strip()
+    if not 0 < len(text) <= 16 or "\\" in text or not text.isprintable():
+        raise ValueError(f"{value!r}: an AE title has 1 to 16 characters and no backslash")
+    return text
+
+
+class DicomNode(_Section):
+    """A remote application entity in the node table, and what it may ask of us."""
+
+    host: str = "*"
+    """Address the AE connects from and, for a C-MOVE destination, is reached at: an IP
+    address or a host name (resolved when an association arrives). ``*`` accepts the AE
+    title from any address; only for nodes that call us and never receive."""
+
+    port: int | None = None
+    """TCP port of the AE's own Storage SCP. Needed to use the node as a C-MOVE destination;
+    leave empty for nodes that only send or query."""
+
+    allow_store: bool = True
+    """May send objects to us (C-STORE)."""
+
+    allow_find: bool = False
+    """May query the archive (C-FIND, Patient and Study Root)."""
+
+    allow_move: bool = False
+    """May ask us to send objects to a node in this table (C-MOVE). The destination needs
+    ``host`` and ``port``; it does not need any permission itself."""
+
+    allow_get: bool = False
+    """May retrieve objects on its own association (C-GET)."""
+
+    @field_validator("port")
+    @classmethod
+    def _check_port(cls, value: int | None) -> int | None:
+        if value is not None and not 0 < value < 65536:
+            raise ValueError(f"port {value} is not a TCP port (1-65535)")
+        return value
+
+    @model_validator(mode="after")
+    def _check_reachable(self) -> Self:
+        if self.port is not None and self.host.strip() in ("", "*"):
+            raise ValueError(
+                "a node with a port is a C-MOVE destination and needs a real host, not '*'"
+            )
+        return self
+
+
 class DimseSettings(_Section):
     ae_title: str = "CLOUDFILM"
     """Our AE title (max 16 characters, PS3.5 AE VR)."""
 
     port: int = 11112
-    """TCP port of the DICOM listener (C-ECHO, C-STORE)."""
+    """TCP port of the DICOM listener (C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET)."""
 
     host: str = "127.0.0.1"
     """Address the DICOM listener binds to. ``0.0.0.0`` to accept modalities on the LAN."""
 
     accept_unknown_callers: bool = False
-    """Accept associations from AE titles that are not in ``allowed_callers``. Leave off
-    outside the lab; ``--demo`` turns it on for the local machine."""
+    """Accept associations from AE titles that are not in ``nodes``; such callers may only
+    store and verify (C-STORE, C-ECHO), never query or retrieve. Leave off outside the lab;
+    ``--demo`` turns it on for the local machine."""
 
-    allowed_callers: dict[str, str] = Field(default_factory=dict)
-    """Calling AE title → allowed source address (``*`` for any), e.g.
-    ``{"CT01" = "10.1.2.3"}``."""
+    nodes: dict[str, DicomNode] = Field(default_factory=dict)
+    """The node table: AE title → ``host``, ``port`` and permissions (``allow_store``
+    default true; ``allow_find``, ``allow_move``, ``allow_get`` default false). TOML:
+    ``[dimse.nodes.WS01]`` with ``host = "10.1.2.30"``, ``port = 104``,
+    ``allow_find = true``; environment: JSON, e.g.
+    ``{"CT01": {"host": "10.1.2.3"}, "WS01": {"host": "10.1.2.30", "port": 104,
+    "allow_find": true, "allow_move": true}}``."""
 
     require_called_ae_title: bool = True
     """Refuse associations addressed to another AE title than ours."""
@@ -125,12 +179,26 @@ class DimseSettings(_Section):
     network_timeout: float = 60.0
     """Seconds of silence before an association is aborted."""
 
+    max_find_results: int = 1000
+    """Most matches one C-FIND returns; the rest are left out (the response ends with
+    Success and the cut is logged and audited). Narrow the query to see them."""
+
     @field_validator("ae_title")
     @classmethod
     def _check_ae_title(cls, value: str) -> str:
-        if not 0 < len(value.strip()) <= 16 or "\\" in value:
-            raise ValueError("an AE title has 1 to 16 characters and no backslash")
-        return value.strip()
+        return _check_aet(value)
+
+    @field_validator("nodes")
+    @classmethod
+    def _check_node_titles(cls, value: dict[str, DicomNode]) -> dict[str, DicomNode]:
+        return {_check_aet(aet): node for aet, node in value.items()}
+
+    @field_validator("max_find_results")
+    @classmethod
+    def _check_max_find_results(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("max_find_results must be at least 1")
+        return value
 
 
 class DicomwebSettings(_Section):
@@ -274,7 +342,9 @@ def settings_reference() -> str:
                 walk(annotation, f"{prefix}{name}.")
                 continue
             key = f"{prefix}{name}"
-            env = "CLOUDFILM_" + key.upper().replace(".", "__")
+            env = "`CLOUDFILM_" + key.upper().replace(".", "__") + "`"
+            if prefix.endswith(".<AE>."):  # an entry of a table such as dimse.nodes
+                env = "(in the table's JSON)"
             if field.default_factory is not None:
                 default = "(random per process)" if name == "secret_key" else "(empty)"
             elif isinstance(field.default, StrEnum):
@@ -282,7 +352,10 @@ def settings_reference() -> str:
             else:
                 default = f"`{field.default}`" if field.default not in (None, "") else "—"
             text = " ".join((field.description or "").split()).replace("|", "\\|")
-            lines.append(f"| `{key}` | `{env}` | {default} | {text} |")
+            lines.append(f"| `{key}` | {env} | {default} | {text} |")
+            entry = get_args(annotation)[-1] if get_origin(annotation) is dict else None
+            if isinstance(entry, type) and issubclass(entry, BaseModel):
+                walk(entry, f"{key}.<AE>.")
 
     walk(Settings, "")
     return "\n".join(lines) + "\n"

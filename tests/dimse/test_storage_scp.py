@@ -29,7 +29,8 @@ def scp(archive: Archive) -> Iterator[DIMSEServer]:
     server = DIMSEServer(
         archive,
         DimseSettings(
-            port=free_port(), allowed_callers={"STORESCU": "127.0.0.1", "PYNETDICOM": "*"}
+            port=free_port(),
+            nodes={"STORESCU": {"host": "127.0.0.1"}, "PYNETDICOM": {"host": "*"}},
         ),
     )
     server.start()
@@ -150,7 +151,7 @@ def test_association__wrong_called_aet_rejected(scp: DIMSEServer) -> None:
 
 def test_association__known_aet_from_wrong_address_rejected(archive: Archive) -> None:
     server = DIMSEServer(
-        archive, DimseSettings(port=free_port(), allowed_callers={"CT01": "10.9.9.9"})
+        archive, DimseSettings(port=free_port(), nodes={"CT01": {"host": "10.9.9.9"}})
     )
     server.start()
     try:
