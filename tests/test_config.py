@@ -100,8 +100,10 @@ def test_settings__ae_title_validated() -> None:
 
 
 def test_settings__node_table_checked() -> None:
+    with pytest.raises(ValidationError, match="host\n  Field required"):
+        Settings(dimse={"nodes": {"WS01": {"allow_find": True}}})
     with pytest.raises(ValidationError, match="needs a real host"):
-        Settings(dimse={"nodes": {"WS01": {"port": 104}}})
+        Settings(dimse={"nodes": {"WS01": {"host": "*", "port": 104}}})
     with pytest.raises(ValidationError, match="not a TCP port"):
         Settings(dimse={"nodes": {"WS01": {"host": "10.0.0.1", "port": 70000}}})
     with pytest.raises(ValidationError, match="max_find_results"):

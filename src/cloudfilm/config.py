@@ -106,10 +106,11 @@ def _check_aet(value: str) -> str:
 class DicomNode(_Section):
     """A remote application entity in the node table, and what it may ask of us."""
 
-    host: str = "*"
+    host: str
     """Address the AE connects from and, for a C-MOVE destination, is reached at: an IP
-    address or a host name (resolved when an association arrives). ``*`` accepts the AE
-    title from any address; only for nodes that call us and never receive."""
+    address or a host name (resolved when an association arrives). Required. ``*``
+    accepts the AE title from any address; only for nodes that call us and never
+    receive."""
 
     port: int | None = None
     """TCP port of the AE's own Storage SCP. Needed to use the node as a C-MOVE destination;
@@ -345,7 +346,9 @@ def settings_reference() -> str:
             env = "`CLOUDFILM_" + key.upper().replace(".", "__") + "`"
             if prefix.endswith(".<AE>."):  # an entry of a table such as dimse.nodes
                 env = "(in the table's JSON)"
-            if field.default_factory is not None:
+            if field.is_required():
+                default = "(required)"
+            elif field.default_factory is not None:
                 default = "(random per process)" if name == "secret_key" else "(empty)"
             elif isinstance(field.default, StrEnum):
                 default = f"`{field.default.value}`"

@@ -112,7 +112,7 @@ def _settings(storescp_port: int | None = None, **overrides: Any) -> DimseSettin
         "WS01": {"host": "127.0.0.1", "allow_find": True, "allow_move": True, "allow_get": True},
         "PYNETDICOM": {"host": "*", "allow_find": True, "allow_move": True, "allow_get": True},
         "CT01": {"host": "127.0.0.1"},  # a modality: store only (the default)
-        "NOTHERE": {"host": "10.9.9.9", "port": 104},  # a destination that never answers
+        "DOWN": {"host": "127.0.0.1", "port": free_port()},  # a destination not listening
     }
     if storescp_port is not None:
         nodes["STORESCP"] = {"host": "127.0.0.1", "port": storescp_port, "allow_store": False}
@@ -448,6 +448,20 @@ def test_c_find__cancel_stops_matching(archive: Archive, samples: dict[str, Samp
     assert [int(r[0]) for r in responses] == [0xFF00, 0xFE00]
 
 
+def test_audit__operation_cut_off_by_the_connection_is_still_audited(archive: Archive) -> None:
+    server = DIMSEServer(archive, _settings())
+    model = identifiers.MODELS[str(StudyRootQueryRetrieveInformationModelMove)]
+    assoc, other = object(), object()
+    operation = Operation(model, Actor.ae("PYNETDICOM", "127.0.0.1:1"), destination="WS01")
+    server.qr._operations[(assoc, 3)] = operation  # as screen() leaves it
+    server.qr._operations[(other, 3)] = Operation(model, Actor.ae("OTHER", None))
+    server.qr.on_closed(SimpleNamespace(assoc=assoc))  # type: ignore[arg-type]
+    (event,) = _audit(archive)
+    assert (event.event_type, event.outcome, event.actor_id) == ("retrieve", 8, "PYNETDICOM")
+    assert "ended before the final response" in (event.message or "")
+    assert list(server.qr._operations) == [(other, 3)]
+
+
 # -- C-MOVE
 
 
@@ -534,9 +548,13 @@ def test_movescu__unknown_destination_is_a801(
     # a node without a port cannot be a destination either
     output = movescu(scp, "-S", "CT01", "QueryRetrieveLevel=STUDY", study, check=False)
     assert "MoveDestinationUnknown" in output
+    # a listed destination that does not answer: pynetdicom reports it as A801 as well
+    output = movescu(scp, "-S", "DOWN", "QueryRetrieveLevel=STUDY", study, check=False)
+    assert "MoveDestinationUnknown" in output
     assert storescp.received() == {}
     events = _audit(archive)
-    assert [(e.outcome, e.detail and e.detail["status"]) for e in events] == [(4, "0xA801")] * 2
+    assert [(e.outcome, e.detail and e.detail["status"]) for e in events] == [(4, "0xA801")] * 3
+    assert events[2].detail and events[2].detail["instances"] == 1
     assert "NOSUCHAE" in (events[0].message or "")
 
 

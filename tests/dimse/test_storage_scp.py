@@ -11,8 +11,13 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLSLossless
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    MRImageStorage,
+    Verification,
+)
 from sqlalchemy import select
 
 from cloudfilm.archive.ingest import Archive
@@ -139,6 +144,19 @@ def test_association__unknown_caller_rejected_and_audited(
         event = session.scalars(select(AuditEvent)).one()
     assert event.event_type == "association-rejected"
     assert event.actor_id == "INTRUDER"
+
+
+def test_association__lossless_compression_preferred_over_lossy(scp: DIMSEServer) -> None:
+    """Among the syntaxes a sender offers we take native first, lossless next, lossy last:
+    a sender that can do both is never made to compress lossily."""
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(CTImageStorage, [JPEGBaseline8Bit, JPEGLSLossless])
+    ae.add_requested_context(MRImageStorage, [JPEGLSLossless, ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="CLOUDFILM")
+    assert assoc.is_established
+    accepted = {cx.abstract_syntax: cx.transfer_syntax[0] for cx in assoc.accepted_contexts}
+    assoc.release()
+    assert accepted == {CTImageStorage: JPEGLSLossless, MRImageStorage: ExplicitVRLittleEndian}
 
 
 def test_association__wrong_called_aet_rejected(scp: DIMSEServer) -> None:

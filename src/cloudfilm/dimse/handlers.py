@@ -434,6 +434,8 @@ def _outcome(code: int | None, counts: dict[str, int]) -> AuditOutcome:
     """ATNA outcome of a final status, graded as the HTTP edge grades 4xx and 5xx."""
     if code in (DimseStatus.SUCCESS, DimseStatus.CANCEL):
         return AuditOutcome.SUCCESS
+    if code is None:  # cut off: the association ended first
+        return AuditOutcome.SERIOUS_FAILURE
     if code == DimseStatus.NOT_AUTHORISED:
         return AuditOutcome.SERIOUS_FAILURE
     if code is not None and (

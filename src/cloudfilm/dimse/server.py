@@ -130,6 +130,8 @@ class DIMSEServer:
         self.ae.maximum_associations = settings.max_associations
         self.ae.network_timeout = settings.network_timeout
         self.ae.acse_timeout = 30
+        # also bounds the TCP connect of a C-MOVE association to an unreachable destination
+        self.ae.connection_timeout = 30
         self.ae.dimse_timeout = settings.network_timeout
         self.ae.require_called_aet = settings.require_called_ae_title
         for context in AllStoragePresentationContexts:
