@@ -107,3 +107,26 @@ def test_rendered__bad_parameters(
     )
     assert response.status_code == status
     assert response.json()["error"]
+
+
+def test_rendered__with_dicomweb_client(server: LiveServer) -> None:
+    from dicomweb_client.api import DICOMwebClient
+
+    ds = dcmread(DATA / "ct_small.dcm", stop_before_pixels=True)
+    client = DICOMwebClient(f"{server.url}/dicom-web", headers=server.headers)
+    png = client.retrieve_instance_rendered(
+        ds.StudyInstanceUID,
+        ds.SeriesInstanceUID,
+        ds.SOPInstanceUID,
+        media_types=("image/png",),
+        params={"window": "40,400"},
+    )
+    assert Image.open(io.BytesIO(png)).size == (512, 512)
+    jpeg = client.retrieve_instance_frames_rendered(
+        ds.StudyInstanceUID,
+        ds.SeriesInstanceUID,
+        ds.SOPInstanceUID,
+        frame_numbers=[1],
+        media_types=("image/jpeg",),
+    )
+    assert Image.open(io.BytesIO(jpeg)).format == "JPEG"
