@@ -399,6 +399,29 @@ def test_c_find__refusals_and_bad_identifiers(
     assert events[0].actor_id == "CT01" and "allow_find" in (events[0].message or "")
 
 
+def test_c_find__unscreenable_request_aborts_the_association(
+    scp: DIMSEServer, samples: dict[str, Sample], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*_args: Any) -> bool:
+        raise RuntimeError("screening broke")
+
+    monkeypatch.setattr(scp.qr, "screen", broken)
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="CLOUDFILM")
+    responses = list(
+        assoc.send_c_find(
+            _query("STUDY", StudyInstanceUID=""), StudyRootQueryRetrieveInformationModelFind
+        )
+    )
+    # pynetdicom reports an aborted association as one empty status, no identifier
+    assert [(len(rsp_status), identifier) for rsp_status, identifier in responses] == [(0, None)]
+    deadline = time.monotonic() + 5
+    while not assoc.is_aborted and time.monotonic() < deadline:
+        time.sleep(0.01)  # the requester's reactor notices the A-ABORT on its own thread
+    assert assoc.is_aborted
+
+
 def test_c_find__unknown_caller_may_store_but_not_query(
     archive: Archive, samples: dict[str, Sample]
 ) -> None:

@@ -169,12 +169,14 @@ class QueryRetrieveSCP:
         code: DimseStatus,
         operation: Operation,
     ) -> bool:
+        # An identifier's values may be patient data: they go to the audit trail only.
+        reason = operation.note if code is DimseStatus.NOT_AUTHORISED else "see the audit trail"
         logger.warning(
             "%s from %s refused (0x%04X): %s",
             operation.model.service,
             operation.actor.id,
             code,
-            operation.note,
+            reason,
         )
         rsp = type(msg)()
         rsp.MessageID = msg.MessageID

@@ -101,7 +101,14 @@ class _ScreenedAssociation(Association):
     qr: QueryRetrieveSCP
 
     def _serve_request(self, msg: Any, context_id: int) -> None:
-        if not self.qr.screen(self, msg, context_id):
+        try:
+            answered = self.qr.screen(self, msg, context_id)
+        except Exception:
+            # Fail closed: a request that could not be screened is never served.
+            logger.exception("screening a request failed; aborting the association")
+            self.abort(block=False)  # we are the reactor thread: do not wait for ourselves
+            return
+        if not answered:
             super()._serve_request(msg, context_id)
 
 
