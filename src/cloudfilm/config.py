@@ -204,8 +204,8 @@ class DimseSettings(_Section):
 
 class DicomwebSettings(_Section):
     max_results: int = 1000
-    """Most results one QIDO-RS search or C-FIND returns; more are paged with ``offset``
-    and announced by a ``Warning`` header."""
+    """Most results one QIDO-RS search returns; more are paged with ``offset`` and
+    announced by a ``Warning`` header (C-FIND has ``dimse.max_find_results``)."""
 
 
 class HttpSettings(_Section):
