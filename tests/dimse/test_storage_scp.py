@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -178,6 +180,19 @@ def test_association__known_aet_from_wrong_address_rejected(archive: Archive) ->
         assert ae.associate("127.0.0.1", server.port, ae_title="CLOUDFILM").is_rejected
     finally:
         server.stop()
+
+
+def test_stop__does_not_wait_for_an_idle_connection(archive: Archive) -> None:
+    """A connection that never sends its A-ASSOCIATE-RQ must not hold up a shutdown for
+    the ARTIM/ACSE timeout (30 s)."""
+    server = DIMSEServer(archive, DimseSettings(port=free_port()))
+    server.start()
+    idle = socket.create_connection(("127.0.0.1", server.port))
+    time.sleep(0.3)
+    started = time.monotonic()
+    server.stop(grace=1.0)
+    idle.close()
+    assert time.monotonic() - started < 5
 
 
 def test_c_store__bad_object_gets_failure_status_with_reason(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -185,12 +186,30 @@ class DIMSEServer:
         self._thread.start()
         logger.info("DICOM listener %s on %s:%d", self.settings.ae_title, address[0], self.port)
 
-    def stop(self) -> None:
-        """Stop accepting, then let running associations finish."""
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting, give running associations ``grace`` seconds to finish, then
+        abort the rest (never blocks longer than about ``grace`` + 2 seconds).
+
+        pynetdicom's ``AE.shutdown()`` aborts with a blocking wait that can last until an
+        association's ARTIM timer runs out (an idle connection waiting for its
+        A-ASSOCIATE-RQ), so it is not used here.
+        """
         if self._server is not None:
             self._server.shutdown()
             self._server = None
-        self.ae.shutdown()
+        self.ae._servers = []
+        deadline = time.monotonic() + grace
+        for assoc in list(self.ae.active_associations):
+            assoc.join(max(0.0, deadline - time.monotonic()))
+        for assoc in list(self.ae.active_associations):
+            if assoc.is_established:
+                assoc.abort(block=False)
+            elif assoc.dul.socket is not None:
+                # Not yet associated (no A-ASSOCIATE-RQ): an A-ABORT is not a valid event
+                # there (PS3.8 state Sta2); closing the transport is (Evt17).
+                assoc.dul.socket.close()
+        for assoc in list(self.ae.active_associations):
+            assoc.join(2.0)
 
     # -- handlers (never let an exception escape: pynetdicom would abort the association)
 
