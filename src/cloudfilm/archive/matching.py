@@ -248,3 +248,69 @@ def ordered(stmt: Select[Any], level: Level) -> Select[Any]:
     if level is Level.SERIES:
         return stmt.order_by(Series.series_number, Series.id)
     return stmt.order_by(Instance.instance_number, Instance.id)
+
+
+def row_values(level: Level, row: Any) -> dict[str, Any]:
+    """Every attribute the index holds for one result row of :func:`build_select` at
+    ``level``, by keyword (what QIDO-RS and C-FIND answer with)."""
+    patient: Patient = row.Patient
+    result: dict[str, Any] = {
+        "PatientName": patient.patient_name,
+        "PatientID": patient.patient_id,
+        "IssuerOfPatientID": patient.issuer_of_patient_id,
+        "PatientSex": patient.patient_sex,
+        "PatientBirthDate": patient.patient_birth_date,
+        "InstanceAvailability": "ONLINE",
+    }
+    if level is Level.PATIENT:
+        return result
+    study: Study = row.Study
+    result.update(
+        StudyInstanceUID=study.study_instance_uid,
+        StudyDate=study.study_date,
+        StudyTime=study.study_time,
+        AccessionNumber=study.accession_number,
+        StudyID=study.study_id,
+        StudyDescription=study.study_description,
+        ReferringPhysicianName=study.referring_physician_name,
+        InstitutionName=study.institution_name,
+        ModalitiesInStudy=[m for m in study.modalities_in_study.split("\\") if m],
+        NumberOfStudyRelatedSeries=study.number_of_series,
+        NumberOfStudyRelatedInstances=study.number_of_instances,
+    )
+    if level is Level.STUDY:
+        return result
+    series: Series = row.Series
+    result.update(
+        SeriesInstanceUID=series.series_instance_uid,
+        Modality=series.modality,
+        SeriesNumber=series.series_number,
+        SeriesDescription=series.series_description,
+        SeriesDate=series.series_date,
+        SeriesTime=series.series_time,
+        BodyPartExamined=series.body_part_examined,
+        StationName=series.station_name,
+        InstitutionName=series.institution_name or study.institution_name,
+        Manufacturer=series.manufacturer,
+        PerformedProcedureStepStartDate=series.performed_procedure_step_start_date,
+        NumberOfSeriesRelatedInstances=series.number_of_instances,
+    )
+    if level is Level.SERIES:
+        return result
+    instance: Instance = row.Instance
+    result.update(
+        SOPInstanceUID=instance.sop_instance_uid,
+        SOPClassUID=instance.sop_class_uid,
+        InstanceNumber=instance.instance_number,
+        Rows=instance.rows,
+        Columns=instance.columns,
+        NumberOfFrames=instance.number_of_frames,
+        BitsAllocated=instance.bits_allocated,
+        BitsStored=instance.bits_stored,
+        SamplesPerPixel=instance.samples_per_pixel,
+        PhotometricInterpretation=instance.photometric_interpretation,
+        ContentDate=instance.content_date,
+        ContentTime=instance.content_time,
+        AvailableTransferSyntaxUID=instance.transfer_syntax_uid,
+    )
+    return result

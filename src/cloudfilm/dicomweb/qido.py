@@ -17,8 +17,16 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from cloudfilm.archive.matching import KEYS, Level, Query, QueryError, build_select, ordered
-from cloudfilm.archive.models import Instance, InstanceMetadata, Patient, Series, Study
+from cloudfilm.archive.matching import (
+    KEYS,
+    Level,
+    Query,
+    QueryError,
+    build_select,
+    ordered,
+    row_values,
+)
+from cloudfilm.archive.models import Instance, InstanceMetadata, Series
 
 _TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 _CONTROL = {"limit", "offset", "fuzzymatching", "includefield"}
@@ -182,59 +190,13 @@ def search(
 
 
 def _result(level: Level, row: Any, base_url: str) -> dict[str, Any]:
-    patient: Patient = row.Patient
-    study: Study = row.Study
-    values: dict[str, Any] = {
-        "SpecificCharacterSet": "ISO_IR 192",
-        "PatientName": patient.patient_name,
-        "PatientID": patient.patient_id,
-        "PatientBirthDate": patient.patient_birth_date,
-        "PatientSex": patient.patient_sex,
-        "StudyInstanceUID": study.study_instance_uid,
-    }
-    study_url = f"{base_url}/studies/{study.study_instance_uid}"
-    if level is Level.STUDY:
-        values.update(
-            StudyDate=study.study_date,
-            StudyTime=study.study_time,
-            AccessionNumber=study.accession_number,
-            ModalitiesInStudy=[m for m in study.modalities_in_study.split("\\") if m],
-            ReferringPhysicianName=study.referring_physician_name,
-            StudyID=study.study_id,
-            StudyDescription=study.study_description,
-            InstitutionName=study.institution_name,
-            NumberOfStudyRelatedSeries=study.number_of_series,
-            NumberOfStudyRelatedInstances=study.number_of_instances,
-            RetrieveURL=study_url,
-        )
-    else:
-        series: Series = row.Series
-        series_url = f"{study_url}/series/{series.series_instance_uid}"
-        values["SeriesInstanceUID"] = series.series_instance_uid
-        if level is Level.SERIES:
-            values.update(
-                Modality=series.modality,
-                SeriesDescription=series.series_description,
-                SeriesNumber=series.series_number,
-                SeriesDate=series.series_date,
-                SeriesTime=series.series_time,
-                BodyPartExamined=series.body_part_examined,
-                NumberOfSeriesRelatedInstances=series.number_of_instances,
-                PerformedProcedureStepStartDate=series.performed_procedure_step_start_date,
-                RetrieveURL=series_url,
-            )
-        else:
-            instance: Instance = row.Instance
-            values.update(
-                SOPClassUID=instance.sop_class_uid,
-                SOPInstanceUID=instance.sop_instance_uid,
-                InstanceNumber=instance.instance_number,
-                Rows=instance.rows,
-                Columns=instance.columns,
-                BitsAllocated=instance.bits_allocated,
-                NumberOfFrames=instance.number_of_frames,
-                RetrieveURL=f"{series_url}/instances/{instance.sop_instance_uid}",
-            )
+    values = row_values(level, row)
+    url = f"{base_url}/studies/{values['StudyInstanceUID']}"
+    if level is not Level.STUDY:
+        url += f"/series/{values['SeriesInstanceUID']}"
+    if level is Level.IMAGE:
+        url += f"/instances/{values['SOPInstanceUID']}"
+    values.update(SpecificCharacterSet="ISO_IR 192", RetrieveURL=url)
     wanted = DEFAULTS[level]
     return {_tag(k): element(k, values.get(k)) for k in sorted(wanted, key=_tag)}
 

@@ -34,7 +34,15 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from sqlalchemy import ColumnElement, Select, and_, func, or_, true
 
-from cloudfilm.archive.matching import KEYS, Level, Query, QueryError, build_select, ordered
+from cloudfilm.archive.matching import (
+    KEYS,
+    Level,
+    Query,
+    QueryError,
+    build_select,
+    ordered,
+    row_values,
+)
 from cloudfilm.archive.models import Instance, Patient, Series, Study
 
 
@@ -271,68 +279,7 @@ def _pn_match(column: Any, value: str) -> ColumnElement[bool]:
 
 def values(level: Level, row: Any, *, ae_title: str) -> dict[str, Any]:
     """Every attribute we can return for one result row at ``level``, by keyword."""
-    patient: Patient = row.Patient
-    result: dict[str, Any] = {
-        "PatientName": patient.patient_name,
-        "PatientID": patient.patient_id,
-        "IssuerOfPatientID": patient.issuer_of_patient_id,
-        "PatientSex": patient.patient_sex,
-        "PatientBirthDate": patient.patient_birth_date,
-        "RetrieveAETitle": ae_title,
-        "InstanceAvailability": "ONLINE",
-    }
-    if level is Level.PATIENT:
-        return result
-    study: Study = row.Study
-    result.update(
-        StudyInstanceUID=study.study_instance_uid,
-        StudyDate=study.study_date,
-        StudyTime=study.study_time,
-        AccessionNumber=study.accession_number,
-        StudyID=study.study_id,
-        StudyDescription=study.study_description,
-        ReferringPhysicianName=study.referring_physician_name,
-        InstitutionName=study.institution_name,
-        ModalitiesInStudy=[m for m in study.modalities_in_study.split("\\") if m],
-        NumberOfStudyRelatedSeries=study.number_of_series,
-        NumberOfStudyRelatedInstances=study.number_of_instances,
-    )
-    if level is Level.STUDY:
-        return result
-    series: Series = row.Series
-    result.update(
-        SeriesInstanceUID=series.series_instance_uid,
-        Modality=series.modality,
-        SeriesNumber=series.series_number,
-        SeriesDescription=series.series_description,
-        SeriesDate=series.series_date,
-        SeriesTime=series.series_time,
-        BodyPartExamined=series.body_part_examined,
-        StationName=series.station_name,
-        InstitutionName=series.institution_name or study.institution_name,
-        Manufacturer=series.manufacturer,
-        PerformedProcedureStepStartDate=series.performed_procedure_step_start_date,
-        NumberOfSeriesRelatedInstances=series.number_of_instances,
-    )
-    if level is Level.SERIES:
-        return result
-    instance: Instance = row.Instance
-    result.update(
-        SOPInstanceUID=instance.sop_instance_uid,
-        SOPClassUID=instance.sop_class_uid,
-        InstanceNumber=instance.instance_number,
-        Rows=instance.rows,
-        Columns=instance.columns,
-        NumberOfFrames=instance.number_of_frames,
-        BitsAllocated=instance.bits_allocated,
-        BitsStored=instance.bits_stored,
-        SamplesPerPixel=instance.samples_per_pixel,
-        PhotometricInterpretation=instance.photometric_interpretation,
-        ContentDate=instance.content_date,
-        ContentTime=instance.content_time,
-        AvailableTransferSyntaxUID=instance.transfer_syntax_uid,
-    )
-    return result
+    return {**row_values(level, row), "RetrieveAETitle": ae_title}
 
 
 def response(request: FindRequest, found: dict[str, Any]) -> Dataset:
