@@ -26,6 +26,7 @@ from cloudfilm.archive.models import Instance, InstanceMetadata, Series, Study
 from cloudfilm.audit.service import Actor
 from cloudfilm.auth.deps import require_actor
 from cloudfilm.dicomweb import qido, rendered, stow, wado
+from cloudfilm.dicomweb.media import media_type_parameters
 from cloudfilm.errors import StorageUnavailable
 from cloudfilm.storage import codecs
 
@@ -260,11 +261,7 @@ def _wanted_syntax(request: Request) -> str | None:
         return None
     offered = []
     for item in accept.split(","):
-        media = item.split(";")[0].strip()
-        params = {
-            k.strip(): v.strip().strip('"')
-            for k, _, v in (p.partition("=") for p in item.split(";")[1:])
-        }
+        media, params = media_type_parameters(item)
         if media in ("*/*", "multipart/*"):
             return None
         if media == "multipart/related" and params.get("type", "application/dicom") not in (
@@ -363,7 +360,7 @@ _STOW_ERRORS: dict[int | str, dict[str, Any]] = {
 
 async def _store(request: Request, caller: Actor, study: str | None) -> Response:
     archive = archive_of(request)
-    media, params = stow.content_type_parameters(request.headers.get("content-type", ""))
+    media, params = media_type_parameters(request.headers.get("content-type", ""))
     part_type = params.get("type", "application/dicom").lower()
     if (
         media != "multipart/related"

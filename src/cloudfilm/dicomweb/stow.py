@@ -32,15 +32,6 @@ class StowError(Exception):
         self.message = message
 
 
-def content_type_parameters(header: str) -> tuple[str, dict[str, str]]:
-    media, *rest = header.split(";")
-    params = {}
-    for item in rest:
-        name, _, value = item.partition("=")
-        params[name.strip().lower()] = value.strip().strip('"')
-    return media.strip().lower(), params
-
-
 @dataclass(slots=True)
 class Part:
     headers: dict[str, str]

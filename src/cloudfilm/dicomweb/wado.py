@@ -19,6 +19,8 @@ from pydicom.pixels.utils import pixel_array
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
+from cloudfilm.dicomweb.media import media_type_parameters
+
 #: PS3.18 Table 8.7.3-2: media types of compressed pixel data.
 IMAGE_MEDIA_TYPES = {
     "1.2.840.10008.1.2.4.50": "image/jpeg",
@@ -73,12 +75,7 @@ def accepted(accept: str) -> tuple[bool, set[str]]:
     any_syntax = False
     media: set[str] = set()
     for item in (accept or "*/*").split(","):
-        pieces = [p.strip() for p in item.split(";")]
-        params = {
-            k.strip().lower(): v.strip().strip('"')
-            for k, _, v in (p.partition("=") for p in pieces[1:])
-        }
-        kind = pieces[0].lower()
+        kind, params = media_type_parameters(item)
         if kind == "multipart/related":
             kind = params.get("type", "application/octet-stream").lower()
         media.add(kind)
