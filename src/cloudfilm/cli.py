@@ -153,7 +153,10 @@ def serve(
             stop = threading.Event()
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
             signal.signal(signal.SIGINT, lambda *_: stop.set())
-            stop.wait()
+            # Wake up regularly: the kernel may deliver the signal to another thread, and
+            # Python runs handlers only in the main thread, between waits.
+            while not stop.wait(0.5):
+                pass
     finally:
         if dimse_server is not None:
             dimse_server.stop()
