@@ -77,6 +77,9 @@ class Study(Base):
     referring_physician_name: Mapped[str] = mapped_column(String(400), default="")
     # (0008,0080) Institution Name | VR LO, VM 1 (of the first instance received)
     institution_name: Mapped[str] = mapped_column(String(64), default="", index=True)
+    # (0032,1033) Requesting Service, else (0008,1040) Institutional Department Name: the
+    # department the study belongs to, for department data scopes
+    department: Mapped[str] = mapped_column(String(64), default="", index=True)
     # (0008,0061) Modalities in Study | VR CS, VM 1-n, computed, backslash-separated
     modalities_in_study: Mapped[str] = mapped_column(String(160), default="")
     # (0020,1206) Number of Study Related Series | VR IS, VM 1, computed

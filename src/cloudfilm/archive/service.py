@@ -149,6 +149,8 @@ _TAGS = {
         "PatientSex",
         "PatientBirthDate",
         "StudyInstanceUID",
+        "RequestingService",
+        "InstitutionalDepartmentName",
         "StudyDate",
         "StudyTime",
         "AccessionNumber",
@@ -301,6 +303,8 @@ def _study_values(h: _Header) -> dict[str, Any]:
         "study_description": h.text("StudyDescription", 64),
         "referring_physician_name": h.text("ReferringPhysicianName", 400),
         "institution_name": h.text("InstitutionName", 64),
+        "department": h.text("RequestingService", 64)
+        or h.text("InstitutionalDepartmentName", 64),
     }
 
 

@@ -1,0 +1,73 @@
+"""The functional permissions: what a role may do. Code defines the operations; which role
+holds which permission is data (the ``role`` table)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Duty(StrEnum):
+    """The three administrator duties that must be held by different people."""
+
+    SYSTEM = "system"
+    SECURITY = "security"
+    AUDIT = "audit"
+
+
+class Permission(StrEnum):
+    STUDY_SEARCH = "study:search"
+    """Search studies, series and instances (QIDO-RS, C-FIND, worklists)."""
+    STUDY_READ = "study:read"
+    """View metadata and images (WADO-RS/URI, frames, rendered, thumbnails, C-MOVE/C-GET)."""
+    STUDY_DOWNLOAD = "study:download"
+    """Take a copy away: study ZIP with DICOMDIR."""
+    STUDY_STORE = "study:store"
+    """Send objects in (STOW-RS, C-STORE)."""
+    ARCHIVE_STATS = "archive:stats"
+    """Counts and statistics without patient data."""
+    USER_MANAGE = "user:manage"
+    """Create, edit, disable users and departments; reset passwords (system administrator)."""
+    CLIENT_MANAGE = "client:manage"
+    """Create and revoke integration clients (system administrator)."""
+    ROLE_MANAGE = "role:manage"
+    """Edit roles, assign them to users, unlock accounts (security administrator)."""
+    POLICY_MANAGE = "policy:manage"
+    """Edit the password, lockout and session policy (security administrator)."""
+    AUDIT_READ = "audit:read"
+    """Search the audit trail and verify its chain (audit administrator)."""
+    AUDIT_EXPORT = "audit:export"
+    """Export the audit trail as CSV, FHIR AuditEvent or DICOM audit messages."""
+
+    @property
+    def label(self) -> str:
+        return _LABELS[self]
+
+    @property
+    def duty(self) -> Duty | None:
+        """The administrator duty this permission is reserved to, if any: such a permission
+        can only be granted to a role of that duty (separation of duties)."""
+        return _RESERVED.get(self)
+
+
+_LABELS = {
+    Permission.STUDY_SEARCH: "检索检查 Search studies",
+    Permission.STUDY_READ: "查看影像 View images",
+    Permission.STUDY_DOWNLOAD: "下载影像 Download studies",
+    Permission.STUDY_STORE: "上传影像 Store images",
+    Permission.ARCHIVE_STATS: "查看统计 View statistics",
+    Permission.USER_MANAGE: "用户管理 Manage users",
+    Permission.CLIENT_MANAGE: "接口客户端管理 Manage integration clients",
+    Permission.ROLE_MANAGE: "角色与授权 Manage roles",
+    Permission.POLICY_MANAGE: "安全策略 Security policy",
+    Permission.AUDIT_READ: "审计查询 Read audit trail",
+    Permission.AUDIT_EXPORT: "审计导出 Export audit trail",
+}
+
+_RESERVED = {
+    Permission.USER_MANAGE: Duty.SYSTEM,
+    Permission.CLIENT_MANAGE: Duty.SYSTEM,
+    Permission.ROLE_MANAGE: Duty.SECURITY,
+    Permission.POLICY_MANAGE: Duty.SECURITY,
+    Permission.AUDIT_READ: Duty.AUDIT,
+    Permission.AUDIT_EXPORT: Duty.AUDIT,
+}
