@@ -67,7 +67,19 @@ def _open_archive(settings: Settings, *, migrate: bool) -> Any:
         migrations.upgrade(db.engine)
     else:
         _require_current_schema(db)
+        _require_least_privilege(settings, db)
     return Archive(settings, db=db)
+
+
+def _require_least_privilege(settings: Settings, db: Any) -> None:
+    """Refuse to serve as a superuser or owner role in production (docs/install.md)."""
+    from cloudfilm.dbroles import startup_refusal
+
+    refusal = startup_refusal(settings, db.engine)
+    if refusal is not None:
+        db.dispose()
+        console.print(refusal, style="red", markup=False, soft_wrap=True)
+        raise typer.Exit(2)
 
 
 def _require_current_schema(db: Any) -> None:
@@ -344,16 +356,40 @@ def demo(
 
 
 @app.command()
-def migrate(data_dir: Path | None = DataDir) -> None:
+def migrate(
+    data_dir: Path | None = DataDir,
+    grant_to: str | None = typer.Option(
+        None,
+        "--grant-to",
+        metavar="ROLE",
+        help="Then give this PostgreSQL business role row access and nothing more "
+        "(env CLOUDFILM_DATABASE__APP_ROLE).",
+    ),
+) -> None:
     """Create or upgrade the database schema (run with the schema owner's credentials)."""
-    from cloudfilm import migrations
+    from cloudfilm import dbroles, migrations
     from cloudfilm.db import Database
 
     settings = _settings(data_dir)
+    role = grant_to or settings.database.app_role
     db = Database(settings)
     try:
+        if role is not None:
+            dbroles.check_business_role(db.engine, role)
         migrations.upgrade(db.engine)
         console.print(f"schema at {migrations.current(db.engine)}")
+        if role is not None:
+            dbroles.grant_business_role(db.engine, role)
+            append_only = ", ".join(dbroles.APPEND_ONLY_TABLES)
+            console.print(
+                f"已授权业务角色 {role}：读写数据行，{append_only} 只可追加 · "
+                f"granted {role} row access; {append_only} append-only",
+                markup=False,
+                soft_wrap=True,
+            )
+    except dbroles.PrivilegeError as exc:
+        console.print(str(exc), style="red", markup=False, soft_wrap=True)
+        raise typer.Exit(2) from exc
     finally:
         db.dispose()
 

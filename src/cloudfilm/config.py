@@ -59,6 +59,11 @@ class DatabaseSettings(_Section):
     password: SecretStr | None = None
     """Password for the database URL, kept out of the URL so it never appears in logs."""
 
+    app_role: str | None = None
+    """PostgreSQL business role that ``cloudfilm migrate`` (run as the owner role) grants row
+    access to after migrating, as if ``--grant-to ROLE`` were given. Set it in the owner's
+    environment, e.g. ``cloudfilm_app``; empty: no grants."""
+
     pool_size: int = 10
     """Connections kept open per process (PostgreSQL only)."""
 
