@@ -16,6 +16,8 @@ from sqlalchemy.engine import make_url
 
 from cloudfilm import migrations
 from cloudfilm.archive.ingest import Archive
+from cloudfilm.auth.accounts import Accounts
+from cloudfilm.clock import Clock, MovableClock
 from cloudfilm.config import Settings
 from cloudfilm.db import Database
 from cloudfilm.models import Base
@@ -127,6 +129,9 @@ class LiveServer:
     url: str
     archive: Archive
     token: str
+    """A bearer token of the integration client ``pytest`` (every study permission)."""
+    accounts: Accounts
+    clock: MovableClock
 
     @property
     def headers(self) -> dict[str, str]:
@@ -135,22 +140,21 @@ class LiveServer:
 
 @pytest.fixture
 def live_server(archive: Archive) -> Iterator[LiveServer]:
-    """The HTTP application on a loopback port (uvicorn in a thread), with a client token."""
+    """The HTTP application on a loopback port (uvicorn in a thread), with a client token
+    and a clock the test can move."""
     import threading
     import time
 
     import uvicorn
 
     from cloudfilm.app import create_app
-    from cloudfilm.auth.service import create_client
 
-    with archive.db.session() as session:
-        _, token = create_client(session=session, name="pytest")
+    clock = MovableClock()
+    app = create_app(archive, clock=clock)
+    token = client_token(archive, clock)
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(archive), host="127.0.0.1", port=port, log_level="warning", access_log=False
-        )
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -159,6 +163,21 @@ def live_server(archive: Archive) -> Iterator[LiveServer]:
         if time.monotonic() > deadline:
             raise AssertionError("uvicorn did not start")
         time.sleep(0.02)
-    yield LiveServer(f"http://127.0.0.1:{port}", archive, token)
+    yield LiveServer(f"http://127.0.0.1:{port}", archive, token, app.state.accounts, clock)
     server.should_exit = True
     thread.join(timeout=10)
+
+
+def client_token(archive: Archive, clock: Clock, name: str = "pytest") -> str:
+    """A bearer token for integration client ``name`` (created with every study scope)."""
+    from sqlalchemy import select
+
+    from cloudfilm.auth.models import ApiClient
+    from cloudfilm.auth.service import create_client, issue_token
+
+    with archive.db.session() as session:
+        client = session.scalars(select(ApiClient).where(ApiClient.name == name)).one_or_none()
+        if client is None:
+            client, _ = create_client(session=session, name=name, now=clock.now())
+        token, _ = issue_token(session=session, client=client, now=clock.now(), minutes=600)
+    return token

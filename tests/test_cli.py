@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -80,9 +81,15 @@ def test_serve_demo__starts_with_chinese_demo_patients(tmp_path: Path, sample_da
         _wait_http(f"{base}/healthz", process)
         assert httpx.get(f"{base}/readyz").json()["status"] == "ok"
         assert httpx.get(f"{base}/api/archive/summary").status_code == 401
-        token = _cli("client", "create", "smoke", "--data-dir", str(tmp_path / "var"))
-        assert token.returncode == 0, token.stderr
-        auth = {"Authorization": f"Bearer {token.stdout.strip()}"}
+        created = _cli("client", "create", "smoke", "--data-dir", str(tmp_path / "var"))
+        assert created.returncode == 0, created.stderr
+        granted = httpx.post(
+            f"{base}/api/oauth/token",
+            data={"grant_type": "client_credentials"},
+            auth=("smoke", created.stdout.strip()),
+        )
+        assert granted.status_code == 200, granted.text
+        auth = {"Authorization": f"Bearer {granted.json()['access_token']}"}
         summary = httpx.get(f"{base}/api/archive/summary", headers=auth).json()
         home = httpx.get(base).text
         assert "云胶片" in home and f"<b>{summary['instances']}</b>" in home
@@ -92,6 +99,9 @@ def test_serve_demo__starts_with_chinese_demo_patients(tmp_path: Path, sample_da
         _, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr[-3000:]
     assert f"http://127.0.0.1:{http_port}/" in stderr  # the banner says where to click
+    # The first administrators' one-time passwords are printed once, never a default.
+    for username in ("sysadmin", "secadmin", "auditadmin", "doctor"):
+        assert re.search(rf"^\s+{username}\s+\S{{16}}\s", stderr, re.MULTILINE), stderr[-2000:]
     archive = Archive(Settings(data_dir=tmp_path / "var"))
     with archive.db.read_session() as session:
         names = set(session.scalars(select(Patient.patient_name_ideographic)))

@@ -3,71 +3,81 @@
 from __future__ import annotations
 
 import html
-import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from string import Template
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from sqlalchemy import text
-from starlette.concurrency import run_in_threadpool
 
-from cloudfilm import __version__
+from cloudfilm import __version__, httpaudit
 from cloudfilm.archive import stats
 from cloudfilm.archive.ingest import Archive
-from cloudfilm.audit import service as audit
-from cloudfilm.audit.enums import ActorType, AuditAction, AuditEventType, AuditOutcome
-from cloudfilm.audit.service import Actor
-from cloudfilm.auth.deps import client_address, require_actor
+from cloudfilm.auth.accounts import Accounts
+from cloudfilm.auth.guard import AuthError, Permit
+from cloudfilm.auth.pages import router as pages_router
+from cloudfilm.auth.permissions import Permission
+from cloudfilm.auth.principal import Principal
+from cloudfilm.auth.router import router as auth_router
+from cloudfilm.clock import Clock
 from cloudfilm.dicomweb.router import DicomwebError
 from cloudfilm.dicomweb.router import router as dicomweb_router
 from cloudfilm.dicomweb.wado_uri import router as wado_uri_router
+from cloudfilm.errors import Conflict, NotFound, PermissionDenied
 
 _HOME = Template((Path(__file__).parent / "templates" / "home.html").read_text("utf-8"))
 
 
-#: Routes anyone may call: probes for load balancers, the API description, the home page.
-PUBLIC_PATHS = frozenset(
-    {"/healthz", "/readyz", "/", "/api/docs", "/api/openapi.json", "/api/docs/oauth2-redirect"}
+#: Requests that leave no audit record: probes, the API description, static pages.
+UNAUDITED_PATHS = frozenset(
+    {
+        "/healthz",
+        "/readyz",
+        "/",
+        "/login",
+        "/api/docs",
+        "/api/openapi.json",
+        "/api/docs/oauth2-redirect",
+    }
 )
-_STUDY_IN_PATH = re.compile(r"/studies/([0-9.]{1,64})")
+
+_PUBLIC = Depends(Permit.public_route())
 
 
-def create_app(archive: Archive) -> FastAPI:
+def create_app(archive: Archive, *, clock: Clock | None = None) -> FastAPI:
     app = FastAPI(
         title="Cloud Film 云胶片",
         version=__version__,
-        docs_url="/api/docs",
-        swagger_ui_oauth2_redirect_url="/api/docs/oauth2-redirect",
-        openapi_url="/api/openapi.json",
+        docs_url=None,
+        openapi_url=None,
         redoc_url=None,
     )
     app.state.archive = archive
+    app.state.accounts = Accounts(archive.settings, clock)
     app.include_router(dicomweb_router)
     app.include_router(wado_uri_router)
+    app.include_router(auth_router)
+    app.include_router(pages_router)
+    _install_error_handlers(app)
+    httpaudit.install(app, archive, UNAUDITED_PATHS)
+    _install_headers(app, archive)
 
-    @app.exception_handler(DicomwebError)
-    def dicomweb_error(_request: Request, exc: DicomwebError) -> JSONResponse:
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+    @app.get("/api/openapi.json", include_in_schema=False, dependencies=[_PUBLIC])
+    def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
 
-    @app.middleware("http")
-    async def audit_requests(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        """One audit record per request to a protected route, refusals included (G1)."""
-        if request.url.path in PUBLIC_PATHS:
-            return await call_next(request)
-        try:
-            response = await call_next(request)
-        except Exception:
-            await run_in_threadpool(_audit_request, archive, request, 500)
-            raise
-        await run_in_threadpool(_audit_request, archive, request, response.status_code)
-        return response
+    @app.get("/api/docs", include_in_schema=False, dependencies=[_PUBLIC])
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/api/openapi.json", title="Cloud Film API")
 
-    @app.get("/healthz", summary="Liveness: the process answers", tags=["ops"])
+    @app.get(
+        "/healthz", summary="Liveness: the process answers", tags=["ops"], dependencies=[_PUBLIC]
+    )
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
@@ -76,6 +86,7 @@ def create_app(archive: Archive) -> FastAPI:
         summary="Readiness: index database and storage reachable",
         tags=["ops"],
         responses={503: {"description": "a dependency is down"}},
+        dependencies=[_PUBLIC],
     )
     def readyz() -> JSONResponse:
         checks: dict[str, str] = {}
@@ -102,11 +113,13 @@ def create_app(archive: Archive) -> FastAPI:
         tags=["archive"],
         responses={401: {"description": "no or invalid credentials"}},
     )
-    def summary(_caller: Annotated[Actor, Depends(require_actor)]) -> dict[str, int]:
+    def summary(
+        _caller: Annotated[Principal, Depends(Permit(Permission.ARCHIVE_STATS))],
+    ) -> dict[str, int]:
         with archive.db.read_session() as session:
             return stats.counts(session=session).as_dict()
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False, dependencies=[_PUBLIC])
     def home() -> str:
         with archive.db.read_session() as session:
             counts = stats.counts(session=session)
@@ -124,41 +137,74 @@ def create_app(archive: Archive) -> FastAPI:
     return app
 
 
-def _audit_request(archive: Archive, request: Request, status: int) -> None:
-    actor = getattr(request.state, "actor", None) or Actor(
-        ActorType.ANONYMOUS, "anonymous", source=client_address(request)
-    )
-    path = request.url.path
-    if request.method in ("POST", "PUT"):
-        event, action = AuditEventType.HTTP_REQUEST, AuditAction.CREATE
-    elif path.endswith(("/studies", "/series", "/instances")):
-        event, action = AuditEventType.QUERY, AuditAction.EXECUTE
-    elif path.startswith("/dicom-web/"):
-        event, action = AuditEventType.RETRIEVE, AuditAction.READ
-    else:
-        event, action = AuditEventType.HTTP_REQUEST, AuditAction.READ
-    if status == 401:
-        event = AuditEventType.AUTHENTICATION_FAILED
-    outcome = (
-        AuditOutcome.SUCCESS
-        if status < 400
-        else AuditOutcome.SERIOUS_FAILURE
-        if status in (401, 403)
-        else AuditOutcome.MAJOR_FAILURE
-        if status >= 500
-        else AuditOutcome.MINOR_FAILURE
-    )
-    study = _STUDY_IN_PATH.search(path)
-    with archive.db.session() as session:
-        audit.record(
-            session=session,
-            actor=actor,
-            event_type=event,
-            action=action,
-            outcome=outcome,
-            object_type="http",
-            object_id=path[-128:],
-            study_instance_uid=study.group(1) if study else None,
-            message=f"{request.method} {path[:900]} -> {status}",
-            detail={"query": str(request.url.query)[:2000]} if request.url.query else None,
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(DicomwebError)
+    def dicomweb_error(_request: Request, exc: DicomwebError) -> JSONResponse:
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(AuthError)
+    def auth_error(_request: Request, exc: AuthError) -> JSONResponse:
+        headers = {"Cache-Control": "no-store"}
+        if exc.status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="cloudfilm"'
+        return JSONResponse(
+            {"error": exc.code, "message": exc.message}, status_code=exc.status, headers=headers
+        )
+
+    @app.exception_handler(RequestValidationError)
+    def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Field names and reasons only: the input may hold a password.
+        problems = [
+            f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg', '')}"
+            for e in exc.errors()
+        ]
+        return JSONResponse(
+            {
+                "error": "invalid_request",
+                "message": "请求无效 · invalid request: " + "; ".join(problems),
+            },
+            status_code=400,
+        )
+
+    statuses = {NotFound: 404, Conflict: 409, PermissionDenied: 403}
+    for kind, status in statuses.items():
+
+        def handler(_request: Request, exc: Exception, status: int = status) -> JSONResponse:
+            return JSONResponse(
+                {"error": type(exc).__name__.lower(), "message": str(exc)}, status_code=status
+            )
+
+        app.add_exception_handler(kind, handler)
+
+
+def _install_headers(app: FastAPI, archive: Archive) -> None:
+    """Security headers on every response (R13); no caching of personal data."""
+    origins = archive.settings.http.cors_origins
+
+    @app.middleware("http")
+    async def security_headers(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        response = await call_next(request)
+        headers = response.headers
+        headers.setdefault("X-Content-Type-Options", "nosniff")
+        headers.setdefault("Referrer-Policy", "no-referrer")
+        headers.setdefault("X-Frame-Options", "DENY")
+        if request.url.path.startswith(("/api/auth", "/api/admin", "/api/oauth", "/api/audit")):
+            headers["Cache-Control"] = "no-store"
+        html_page = headers.get("content-type", "").startswith("text/html")
+        if html_page and request.url.path != "/api/docs":  # Swagger UI loads from its CDN
+            headers.setdefault(
+                "Content-Security-Policy",
+                "default-src 'self'; object-src 'none'; frame-ancestors 'none'; base-uri 'none'",
+            )
+        return response
+
+    if origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_credentials=True,
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "X-CSRF-Token", "Accept"],
         )

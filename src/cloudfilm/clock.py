@@ -23,3 +23,8 @@ class MovableClock(Clock):
 
     def advance(self, delta: timedelta | None = None, **parts: float) -> None:
         self.offset += delta if delta is not None else timedelta(**parts)
+
+
+def as_utc(moment: datetime) -> datetime:
+    """SQLite hands back naive datetimes for ``DateTime(timezone=True)``; they are UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

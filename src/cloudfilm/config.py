@@ -100,6 +100,35 @@ class IngestSettings(_Section):
     """Largest Rows x Columns accepted for one frame; larger headers are refused as absurd."""
 
 
+#: The law's floor for keeping logs of network operations (网络安全法 §21: six months).
+MIN_AUDIT_RETENTION_DAYS = 180
+
+
+class AuditSettings(_Section):
+    hash_algorithm: ChecksumAlgorithm = ChecksumAlgorithm.SM3
+    """Digest that chains each audit record to the one before (``sm3`` or ``sha256``).
+    Each record stores the algorithm it was hashed with, so switching keeps older
+    records verifiable."""
+
+    retention_days: int = MIN_AUDIT_RETENTION_DAYS
+    """Days an audit record is kept before ``cloudfilm audit purge`` may remove it. At least
+    180 (six months, 网络安全法 §21); hospitals often keep longer by their own rules."""
+
+    max_results: int = Field(default=1000, ge=1)
+    """Most records one search of ``/api/audit/events`` returns; page with ``offset``.
+    The CSV export is streamed and has no such cap."""
+
+    @field_validator("retention_days")
+    @classmethod
+    def _check_retention(cls, value: int) -> int:
+        if value < MIN_AUDIT_RETENTION_DAYS:
+            raise ValueError(
+                f"audit.retention_days={value}: audit records must be kept at least "
+                f"{MIN_AUDIT_RETENTION_DAYS} days (six months)"
+            )
+        return value
+
+
 def _check_aet(value: str) -> str:
     """An AE title (PS3.5 AE VR): 1 to 16 characters, no backslash, no control characters."""
     text = value.strip()
@@ -213,6 +242,43 @@ class DicomwebSettings(_Section):
     announced by a ``Warning`` header (C-FIND has ``dimse.max_find_results``)."""
 
 
+class PasswordKdf(StrEnum):
+    ARGON2ID = "argon2id"
+    PBKDF2_SM3 = "pbkdf2-sm3"
+
+
+class SecuritySettings(_Section):
+    password_kdf: PasswordKdf = PasswordKdf.ARGON2ID
+    """How passwords are hashed: ``argon2id`` (RFC 9106) or ``pbkdf2-sm3`` (PBKDF2 with
+    HMAC-SM3, for commercial-cryptography assessments). Existing hashes keep working after
+    a switch and are re-hashed at the user's next login."""
+
+    argon2_time_cost: int = Field(default=3, ge=1)
+    """argon2id passes. With the memory below a login costs about 50-150 ms on a 2-core
+    server (docs/benchmarks.md); raise it on faster machines."""
+
+    argon2_memory_kib: int = Field(default=19_456, ge=8_192)
+    """argon2id memory per hash, KiB (OWASP minimum 19 MiB)."""
+
+    argon2_parallelism: int = Field(default=1, ge=1)
+    """argon2id lanes."""
+
+    pbkdf2_iterations: int = Field(default=200_000, ge=100_000)
+    """PBKDF2-HMAC-SM3 iterations (at least 100 000)."""
+
+    cookie_secure: bool = True
+    """Session cookies carry ``Secure`` and the ``__Host-`` prefix. Browsers accept them over
+    plain HTTP only on localhost; turn off only for a lab served over HTTP on the LAN."""
+
+    access_token_minutes: int = Field(default=60, ge=1, le=24 * 60)
+    """Lifetime of the bearer tokens that integration clients get from
+    ``POST /api/oauth/token``."""
+
+    initial_admin_password: SecretStr | None = None
+    """Password for the first administrators at install (otherwise random one-time
+    passwords are printed once). Either way it must be changed at the first login."""
+
+
 class HttpSettings(_Section):
     host: str = "127.0.0.1"
     """Address of the HTTP server. Behind nginx keep the loopback default."""
@@ -224,6 +290,11 @@ class HttpSettings(_Section):
     """The address clients reach us at, e.g. ``https://film.hospital.cn``: used in the URLs
     we hand out (RetrieveURL, BulkDataURI). Default: taken from each request's Host header,
     which is right unless a proxy or client rewrites it."""
+
+    cors_origins: list[str] = Field(default_factory=list)
+    """Other web origins allowed to call the API from a browser (CORS), e.g.
+    ``["https://his.hospital.cn"]``. Empty: same origin only. State-changing requests
+    from any other ``Origin`` are refused."""
 
 
 class Settings(BaseSettings):
@@ -251,12 +322,17 @@ class Settings(BaseSettings):
     """Where the DICOM objects are kept."""
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     """What the ingest pipeline accepts."""
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+    """The audit trail: hash chain and retention."""
     dimse: DimseSettings = Field(default_factory=DimseSettings)
     """The DICOM listener."""
     http: HttpSettings = Field(default_factory=HttpSettings)
     """The HTTP server."""
     dicomweb: DicomwebSettings = Field(default_factory=DicomwebSettings)
     """QIDO-RS, WADO-RS and STOW-RS."""
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
+    """Password hashing, cookies, client tokens. The password and session *policy* is
+    edited at run time by the security administrator (console / ``/api/admin/policy``)."""
 
     @classmethod
     def settings_customise_sources(

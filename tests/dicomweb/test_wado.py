@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import re
 import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
@@ -12,12 +11,10 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 from dicomweb_client.api import DICOMwebClient
-from fastapi.routing import APIRoute
 from pydicom import dcmread
 from pydicom.fileset import FileSet
 from sqlalchemy import func, select
 
-from cloudfilm.app import PUBLIC_PATHS, create_app
 from cloudfilm.archive.models import Instance
 from cloudfilm.audit.models import AuditEvent
 from cloudfilm.audit.service import Actor
@@ -106,33 +103,6 @@ def test_retrieve__unknown_or_invalid(
     )
     assert response.status_code == status
     assert response.json()["error"]
-
-
-def test_every_route_refuses_anonymous_and_is_audited(live_server: LiveServer) -> None:
-    """Route enumeration (SECURITY-CHECKS D1/G1): each protected route answers 401 without
-    credentials or with a wrong token, and each request leaves one audit record."""
-    app = create_app(live_server.archive)
-    # Every route of the OpenAPI description, plus any top-level route hidden from it.
-    routes = {(p, m.upper()) for p, ops in app.openapi()["paths"].items() for m in ops}
-    routes |= {(r.path, m) for r in app.routes if isinstance(r, APIRoute) for m in r.methods}
-    protected = sorted((p, m) for p, m in routes if p not in PUBLIC_PATHS)
-    assert len(protected) >= 13
-    for route_path, method in protected:
-        path = re.sub(r"\{[^}]+\}", "1.2.3", route_path)
-        for headers in ({}, {"Authorization": "Bearer cft_wrong"}):
-            before = _audit_count(live_server)
-            response = httpx.request(method, f"{live_server.url}{path}", headers=headers)
-            assert response.status_code == 401, (method, route_path, response.text)
-            assert response.headers["www-authenticate"].startswith("Bearer")
-            assert _audit_count(live_server) == before + 1, route_path
-    with live_server.archive.db.read_session() as session:
-        last = session.scalars(select(AuditEvent).order_by(AuditEvent.id.desc())).first()
-    assert last is not None
-    assert (last.event_type, last.actor_type, last.outcome) == (
-        "authentication-failed",
-        "anonymous",
-        8,
-    )
 
 
 def test_disabled_client_is_refused(ct: tuple[LiveServer, str, str, str]) -> None:

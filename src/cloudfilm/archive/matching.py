@@ -107,6 +107,8 @@ class Query:
     fuzzy: bool = False
     limit: int | None = None
     offset: int = 0
+    scope: ColumnElement[bool] | None = None
+    """The caller's data scope as a condition on :class:`Study` (``None``: every study)."""
 
 
 def fold(text: str) -> str:
@@ -236,6 +238,13 @@ def build_select(query: Query) -> Select[Any]:
         cond = condition(keyword, value, fuzzy=query.fuzzy)
         if cond is not None:
             stmt = stmt.where(cond)
+    if query.scope is not None:
+        if query.level is Level.PATIENT:  # a patient is visible through a visible study
+            stmt = stmt.where(
+                exists(select(Study.id).where(Study.patient_pk == Patient.id, query.scope))
+            )
+        else:
+            stmt = stmt.where(query.scope)
     return stmt
 
 

@@ -1,5 +1,7 @@
 """DICOMweb routes under ``/dicom-web`` (PS3.18): QIDO-RS search, WADO-RS metadata and
-retrieve, STOW-RS store. Every route depends on :func:`require_actor`; the audit
+retrieve, STOW-RS store. Every route declares its permission (:class:`Permit`); every
+study-addressed read goes through :func:`_addressed` or :func:`_search`, which add the
+caller's data scope to the query (a study outside it is 404, as if absent). The audit
 middleware records each request."""
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from cloudfilm.archive import export
 from cloudfilm.archive.ingest import Archive
 from cloudfilm.archive.matching import Level, QueryError
 from cloudfilm.archive.models import Instance, InstanceMetadata, Series, Study
-from cloudfilm.audit.service import Actor
-from cloudfilm.auth.deps import require_actor
+from cloudfilm.auth.guard import Permit
+from cloudfilm.auth.permissions import Permission
+from cloudfilm.auth.principal import Principal
 from cloudfilm.dicomweb import qido, rendered, stow, wado
 from cloudfilm.dicomweb.media import media_type_parameters
 from cloudfilm.errors import StorageUnavailable
@@ -34,7 +37,11 @@ DICOM_JSON = "application/dicom+json"
 _CHUNK = 1024 * 1024
 
 router = APIRouter(prefix="/dicom-web", tags=["DICOMweb"])
-Caller = Annotated[Actor, Depends(require_actor)]
+Searcher = Annotated[Principal, Depends(Permit(Permission.STUDY_SEARCH))]
+Reader = Annotated[Principal, Depends(Permit(Permission.STUDY_READ))]
+Downloader = Annotated[Principal, Depends(Permit(Permission.STUDY_DOWNLOAD))]
+Storer = Annotated[Principal, Depends(Permit(Permission.STUDY_STORE))]
+SignedIn = Annotated[Principal, Depends(Permit.signed_in())]
 
 
 class DicomwebError(Exception):
@@ -44,6 +51,15 @@ class DicomwebError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def scope_of(request: Request) -> Any:
+    """The caller's study condition (``None``: all studies). Fails closed when the route
+    did not authenticate the caller."""
+    principal: Principal | None = getattr(request.state, "principal", None)
+    if principal is None or not principal.authenticated:
+        raise RuntimeError("a study was addressed before the caller was authorised")
+    return principal.study_scope
 
 
 def archive_of(request: Request) -> Archive:
@@ -73,6 +89,7 @@ def _search(request: Request, level: Level, fixed: dict[str, str]) -> Response:
             max_results=archive.settings.dicomweb.max_results,
             fixed=fixed,
         )
+        parsed.query.scope = scope_of(request)
         with archive.db.read_session() as session:
             results, truncated = qido.search(session, parsed, base_url(request))
     except QueryError as exc:
@@ -90,29 +107,29 @@ def _search(request: Request, level: Level, fixed: dict[str, str]) -> Response:
 
 
 @router.get("/studies", summary="Search for studies (QIDO-RS)", responses=_ERRORS)
-def search_studies(request: Request, _caller: Caller) -> Response:
+def search_studies(request: Request, _caller: Searcher) -> Response:
     return _search(request, Level.STUDY, {})
 
 
 @router.get("/series", summary="Search for series (QIDO-RS)", responses=_ERRORS)
-def search_series(request: Request, _caller: Caller) -> Response:
+def search_series(request: Request, _caller: Searcher) -> Response:
     return _search(request, Level.SERIES, {})
 
 
 @router.get("/instances", summary="Search for instances (QIDO-RS)", responses=_ERRORS)
-def search_instances(request: Request, _caller: Caller) -> Response:
+def search_instances(request: Request, _caller: Searcher) -> Response:
     return _search(request, Level.IMAGE, {})
 
 
 @router.get("/studies/{study}/series", summary="Search the series of a study", responses=_ERRORS)
-def search_study_series(study: str, request: Request, _caller: Caller) -> Response:
+def search_study_series(study: str, request: Request, _caller: Searcher) -> Response:
     return _search(request, Level.SERIES, {"StudyInstanceUID": _uid(study)})
 
 
 @router.get(
     "/studies/{study}/instances", summary="Search the instances of a study", responses=_ERRORS
 )
-def search_study_instances(study: str, request: Request, _caller: Caller) -> Response:
+def search_study_instances(study: str, request: Request, _caller: Searcher) -> Response:
     return _search(request, Level.IMAGE, {"StudyInstanceUID": _uid(study)})
 
 
@@ -121,7 +138,9 @@ def search_study_instances(study: str, request: Request, _caller: Caller) -> Res
     summary="Search the instances of a series",
     responses=_ERRORS,
 )
-def search_series_instances(study: str, series: str, request: Request, _caller: Caller) -> Response:
+def search_series_instances(
+    study: str, series: str, request: Request, _caller: Searcher
+) -> Response:
     return _search(
         request, Level.IMAGE, {"StudyInstanceUID": _uid(study), "SeriesInstanceUID": _uid(series)}
     )
@@ -169,6 +188,9 @@ def _addressed(
         stmt = stmt.where(Series.series_instance_uid == _uid(series))
     if instance is not None:
         stmt = stmt.where(Instance.sop_instance_uid == _uid(instance))
+    scope = scope_of(request)
+    if scope is not None:
+        stmt = stmt.where(scope)
     with archive_of(request).db.read_session() as session:
         rows = list(session.execute(stmt).all())
     if not rows:
@@ -225,7 +247,7 @@ def _metadata(request: Request, study: str, series: str | None, instance: str | 
     summary="Metadata of every instance of a study",
     responses=_RETRIEVE_ERRORS,
 )
-def study_metadata(study: str, request: Request, _caller: Caller) -> Response:
+def study_metadata(study: str, request: Request, _caller: Reader) -> Response:
     return _metadata(request, study, None, None)
 
 
@@ -234,7 +256,7 @@ def study_metadata(study: str, request: Request, _caller: Caller) -> Response:
     summary="Metadata of every instance of a series",
     responses=_RETRIEVE_ERRORS,
 )
-def series_metadata(study: str, series: str, request: Request, _caller: Caller) -> Response:
+def series_metadata(study: str, series: str, request: Request, _caller: Reader) -> Response:
     return _metadata(request, study, series, None)
 
 
@@ -244,7 +266,7 @@ def series_metadata(study: str, series: str, request: Request, _caller: Caller) 
     responses=_RETRIEVE_ERRORS,
 )
 def instance_metadata(
-    study: str, series: str, instance: str, request: Request, _caller: Caller
+    study: str, series: str, instance: str, request: Request, _caller: Reader
 ) -> Response:
     return _metadata(request, study, series, instance)
 
@@ -322,7 +344,7 @@ def _retrieve(
 @router.get(
     "/studies/{study}", summary="Retrieve a study (multipart DICOM)", responses=_RETRIEVE_ERRORS
 )
-def retrieve_study(study: str, request: Request, _caller: Caller) -> StreamingResponse:
+def retrieve_study(study: str, request: Request, _caller: Reader) -> StreamingResponse:
     return _retrieve(request, study, None, None)
 
 
@@ -332,7 +354,7 @@ def retrieve_study(study: str, request: Request, _caller: Caller) -> StreamingRe
     responses=_RETRIEVE_ERRORS,
 )
 def retrieve_series(
-    study: str, series: str, request: Request, _caller: Caller
+    study: str, series: str, request: Request, _caller: Reader
 ) -> StreamingResponse:
     return _retrieve(request, study, series, None)
 
@@ -343,7 +365,7 @@ def retrieve_series(
     responses=_RETRIEVE_ERRORS,
 )
 def retrieve_instance(
-    study: str, series: str, instance: str, request: Request, _caller: Caller
+    study: str, series: str, instance: str, request: Request, _caller: Reader
 ) -> StreamingResponse:
     return _retrieve(request, study, series, instance)
 
@@ -358,7 +380,7 @@ _STOW_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def _store(request: Request, caller: Actor, study: str | None) -> Response:
+async def _store(request: Request, study: str | None) -> Response:
     archive = archive_of(request)
     media, params = media_type_parameters(request.headers.get("content-type", ""))
     part_type = params.get("type", "application/dicom").lower()
@@ -378,6 +400,7 @@ async def _store(request: Request, caller: Actor, study: str | None) -> Response
     referenced: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     root = base_url(request)
+    actor = request.state.actor
 
     def handle(part: stow.Part) -> None:
         kind = part.headers.get("content-type", "application/dicom").split(";")[0].strip()
@@ -388,7 +411,7 @@ async def _store(request: Request, caller: Actor, study: str | None) -> Response
             failed.append({"00081197": {"vr": "US", "Value": [stow.OUT_OF_RESOURCES]}})
             return
         try:
-            result = archive.ingest(bytes(part.data), actor=caller, study_instance_uid=study)
+            result = archive.ingest(bytes(part.data), actor=actor, study_instance_uid=study)
         except StorageUnavailable:
             failed.append({"00081197": {"vr": "US", "Value": [stow.OUT_OF_RESOURCES]}})
             return
@@ -438,15 +461,15 @@ async def _store(request: Request, caller: Actor, study: str | None) -> Response
 
 
 @router.post("/studies", summary="Store instances (STOW-RS)", responses=_STOW_ERRORS)
-async def store_instances(request: Request, caller: Caller) -> Response:
-    return await _store(request, caller, None)
+async def store_instances(request: Request, _caller: Storer) -> Response:
+    return await _store(request, None)
 
 
 @router.post(
     "/studies/{study}", summary="Store instances of one study (STOW-RS)", responses=_STOW_ERRORS
 )
-async def store_study_instances(study: str, request: Request, caller: Caller) -> Response:
-    return await _store(request, caller, _uid(study))
+async def store_study_instances(study: str, request: Request, _caller: Storer) -> Response:
+    return await _store(request, _uid(study))
 
 
 # --------------------------------------------------------------------------- frames, bulk data
@@ -480,7 +503,7 @@ def _multipart(parts: list[tuple[str, bytes]]) -> Response:
     responses=_RETRIEVE_ERRORS,
 )
 def retrieve_frames(
-    study: str, series: str, instance: str, frames: str, request: Request, _caller: Caller
+    study: str, series: str, instance: str, frames: str, request: Request, _caller: Reader
 ) -> Response:
     blob = _one_blob(request, study, series, instance)
     try:
@@ -498,7 +521,7 @@ def retrieve_frames(
     responses=_RETRIEVE_ERRORS,
 )
 def retrieve_bulkdata(
-    study: str, series: str, instance: str, tag: str, request: Request, _caller: Caller
+    study: str, series: str, instance: str, tag: str, request: Request, _caller: Reader
 ) -> Response:
     blob = _one_blob(request, study, series, instance)
     try:
@@ -548,7 +571,7 @@ def _representative(request: Request, study: str, series: str | None) -> Instanc
     responses=_RENDER_ERRORS,
 )
 def rendered_instance(
-    study: str, series: str, instance: str, request: Request, _caller: Caller
+    study: str, series: str, instance: str, request: Request, _caller: Reader
 ) -> Response:
     [(row, _, _)] = instances_of(request, study, series, instance)
     return _render(request, row, 1)
@@ -560,7 +583,7 @@ def rendered_instance(
     responses=_RENDER_ERRORS,
 )
 def rendered_frame(
-    study: str, series: str, instance: str, frame: str, request: Request, _caller: Caller
+    study: str, series: str, instance: str, frame: str, request: Request, _caller: Reader
 ) -> Response:
     if not frame.isdigit() or len(frame) > 7:
         raise DicomwebError(400, "one frame number (1, 2, ...) is rendered at a time")
@@ -574,7 +597,7 @@ def rendered_frame(
     responses=_RENDER_ERRORS,
 )
 def instance_thumbnail(
-    study: str, series: str, instance: str, request: Request, _caller: Caller
+    study: str, series: str, instance: str, request: Request, _caller: Reader
 ) -> Response:
     [(row, _, _)] = instances_of(request, study, series, instance)
     return _render(request, row, 1, _THUMBNAIL)
@@ -585,12 +608,12 @@ def instance_thumbnail(
     summary="Thumbnail of a series",
     responses=_RENDER_ERRORS,
 )
-def series_thumbnail(study: str, series: str, request: Request, _caller: Caller) -> Response:
+def series_thumbnail(study: str, series: str, request: Request, _caller: Reader) -> Response:
     return _render(request, _representative(request, study, series), 1, _THUMBNAIL)
 
 
 @router.get("/studies/{study}/thumbnail", summary="Thumbnail of a study", responses=_RENDER_ERRORS)
-def study_thumbnail(study: str, request: Request, _caller: Caller) -> Response:
+def study_thumbnail(study: str, request: Request, _caller: Reader) -> Response:
     return _render(request, _representative(request, study, None), 1, _THUMBNAIL)
 
 
@@ -602,7 +625,7 @@ def study_thumbnail(study: str, request: Request, _caller: Caller) -> Response:
     summary="Download a study as ZIP (DICOM files + DICOMDIR)",
     responses={**_RETRIEVE_ERRORS, 200: {"content": {"application/zip": {}}}},
 )
-def study_archive(study: str, request: Request, _caller: Caller) -> StreamingResponse:
+def study_archive(study: str, request: Request, _caller: Downloader) -> StreamingResponse:
     rows = instances_of(request, study, None, None)
     objects = [(row.sop_instance_uid, row.storage_key) for row, _, _ in rows]
     return StreamingResponse(
@@ -638,10 +661,10 @@ def _wadl(request: Request) -> Response:
 
 
 @router.get("/capabilities", summary="The services offered (WADL, PS3.18 8.9)", responses=_ERRORS)
-def capabilities(request: Request, _caller: Caller) -> Response:
+def capabilities(request: Request, _caller: SignedIn) -> Response:
     return _wadl(request)
 
 
 @router.options("", summary="The services offered (WADL, PS3.18 8.9)", responses=_ERRORS)
-def capabilities_options(request: Request, _caller: Caller) -> Response:
+def capabilities_options(request: Request, _caller: SignedIn) -> Response:
     return _wadl(request)

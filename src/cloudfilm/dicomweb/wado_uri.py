@@ -7,14 +7,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from cloudfilm.audit.service import Actor
-from cloudfilm.auth.deps import require_actor
+from cloudfilm.auth.guard import Permit
+from cloudfilm.auth.permissions import Permission
+from cloudfilm.auth.principal import Principal
 from cloudfilm.dicomweb import rendered
 from cloudfilm.dicomweb.router import DicomwebError, archive_of, instances_of
 from cloudfilm.storage import codecs
 
 router = APIRouter(tags=["WADO-URI"])
-Caller = Annotated[Actor, Depends(require_actor)]
+Reader = Annotated[Principal, Depends(Permit(Permission.STUDY_READ))]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "missing or malformed parameter"},
@@ -34,7 +35,7 @@ def _number(params: dict[str, str], name: str) -> float | None:
 
 
 @router.get("/wado", summary="WADO-URI: one object as DICOM, JPEG or PNG", responses=_ERRORS)
-def wado_uri(request: Request, _caller: Caller) -> Response:
+def wado_uri(request: Request, _caller: Reader) -> Response:
     params = dict(request.query_params)
     if params.get("requestType") != "WADO":
         raise DicomwebError(400, "requestType=WADO is required (PS3.18 9.1.2)")

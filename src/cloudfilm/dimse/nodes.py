@@ -14,6 +14,9 @@ import socket
 from dataclasses import dataclass
 from enum import StrEnum
 
+from cloudfilm.audit.enums import ActorType
+from cloudfilm.auth.permissions import Permission
+from cloudfilm.auth.principal import Principal
 from cloudfilm.config import DicomNode, DimseSettings
 
 logger = logging.getLogger(__name__)
@@ -26,6 +29,15 @@ class Service(StrEnum):
     FIND = "find"
     MOVE = "move"
     GET = "get"
+
+
+#: The permission each DIMSE service needs: the same vocabulary as the HTTP routes.
+SERVICE_PERMISSION = {
+    Service.STORE: Permission.STUDY_STORE,
+    Service.FIND: Permission.STUDY_SEARCH,
+    Service.GET: Permission.STUDY_READ,
+    Service.MOVE: Permission.STUDY_DOWNLOAD,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,17 +71,24 @@ class NodeTable:
             return self.node(aet, address) is not None
         return self.settings.accept_unknown_callers
 
-    def may(self, aet: str, address: str, service: Service) -> bool:
-        """May ``aet`` at ``address`` use ``service``? Unknown (but accepted) callers may
-        only store."""
+    def principal(self, aet: str, address: str) -> Principal:
+        """The calling AE as a principal whose permissions are its node's switches.
+        Unknown (but accepted) callers may only store."""
         node = self.node(aet, address)
         if node is None:
-            return (
-                service is Service.STORE
-                and aet not in self.settings.nodes
-                and self.settings.accept_unknown_callers
-            )
-        return bool(getattr(node, f"allow_{service.value}"))
+            unknown = aet not in self.settings.nodes and self.settings.accept_unknown_callers
+            granted = {Permission.STUDY_STORE} if unknown else set()
+        else:
+            granted = {
+                permission
+                for service, permission in SERVICE_PERMISSION.items()
+                if getattr(node, f"allow_{service.value}")
+            }
+        return Principal(ActorType.AE, aet, permissions=frozenset(granted))
+
+    def may(self, aet: str, address: str, service: Service) -> bool:
+        """May ``aet`` at ``address`` use ``service``?"""
+        return self.principal(aet, address).may(SERVICE_PERMISSION[service])
 
     def destination(self, aet: str) -> Destination | None:
         """The C-MOVE destination named ``aet``; ``None`` unless it is listed with a host
