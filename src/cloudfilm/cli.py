@@ -32,6 +32,11 @@ client_app = typer.Typer(
     help="Integration clients (bearer tokens for the HTTP interfaces).", no_args_is_help=True
 )
 app.add_typer(client_app, name="client")
+audit_app = typer.Typer(
+    help="审计日志 Audit trail: check the hash chain, purge records past retention.",
+    no_args_is_help=True,
+)
+app.add_typer(audit_app, name="audit")
 console = Console(stderr=True)
 
 DataDir = typer.Option(
@@ -68,7 +73,14 @@ def _open_archive(settings: Settings, *, migrate: bool) -> Any:
     else:
         _require_current_schema(db)
         _require_least_privilege(settings, db)
+    _configure_audit(settings)
     return Archive(settings, db=db)
+
+
+def _configure_audit(settings: Settings) -> None:
+    from cloudfilm.audit import service as audit
+
+    audit.configure(settings.audit)
 
 
 def _require_least_privilege(settings: Settings, db: Any) -> None:
@@ -470,6 +482,119 @@ def client_list(data_dir: Path | None = DataDir) -> None:
             client.created_at.strftime("%Y-%m-%d %H:%M"),
         )
     Console().print(table)
+
+
+def _open_audit_db(settings: Settings) -> Any:
+    """The database alone, for audit upkeep: no storage, and no least-privilege refusal,
+    because a purge on PostgreSQL needs the owner role on purpose."""
+    from cloudfilm import migrations
+    from cloudfilm.db import Database
+
+    db = Database(settings)
+    if db.is_sqlite:
+        migrations.upgrade(db.engine)
+    else:
+        _require_current_schema(db)
+    _configure_audit(settings)
+    return db
+
+
+@audit_app.command("verify")
+def audit_verify(
+    data_dir: Path | None = DataDir,
+    expect: str | None = typer.Option(
+        None,
+        "--expect",
+        metavar="SEQ:HASH",
+        help="A head printed by an earlier verify and kept elsewhere: also check that it is "
+        "still in the chain (a chain alone cannot show that its newest records were deleted).",
+    ),
+) -> None:
+    """Check the audit hash chain: exit 0 when intact, 1 with the first broken link."""
+    from cloudfilm.audit.verify import Checkpoint, snapshot, verify
+
+    try:
+        checkpoint = Checkpoint.parse(expect) if expect else None
+    except ValueError as exc:
+        console.print(str(exc), style="red", markup=False)
+        raise typer.Exit(2) from exc
+    db = _open_audit_db(_settings(data_dir))
+    try:
+        with snapshot(db) as conn:
+            report = verify(conn, checkpoint=checkpoint)
+    finally:
+        db.dispose()
+    if report.broken is not None:
+        broken = report.broken
+        where = f"seq {broken.seq}" + (f" (id {broken.id})" if broken.id is not None else "")
+        console.print(
+            f"审计链断裂 / chain broken at {where}: {broken.kind.value}: {broken.message}",
+            style="red",
+            markup=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
+    out = Console(highlight=False)
+    out.print(f"审计链完整 / chain intact: {report.records} records")
+    if report.head_seq is not None:
+        out.print(
+            f"链头 head (keep it for --expect): {report.head_seq}:{report.head_hash}",
+            soft_wrap=True,
+        )
+
+
+@audit_app.command("purge")
+def audit_purge(
+    archive_to: Path = typer.Option(
+        ...,
+        "--archive-to",
+        help="A new file that receives the purged records (JSON Lines, hashes included) "
+        "before they are deleted; keep it with the backups.",
+    ),
+    data_dir: Path | None = DataDir,
+) -> None:
+    """Remove audit records older than audit.retention_days (at least 180 days).
+
+    The chain is verified first (a broken chain is never purged), the records are written
+    to --archive-to, then deleted, and an audit-purged record anchors the chain's new
+    start. On PostgreSQL run it with the schema owner's credentials: the application's
+    role may insert and read audit records, never delete them.
+    """
+    from sqlalchemy.exc import DBAPIError
+
+    from cloudfilm.audit.purge import purge
+    from cloudfilm.audit.service import Actor
+    from cloudfilm.clock import Clock
+    from cloudfilm.errors import Conflict
+
+    settings = _settings(data_dir)
+    db = _open_audit_db(settings)
+    try:
+        result = purge(
+            db,
+            actor=Actor.cli("cloudfilm audit purge"),
+            retention_days=settings.audit.retention_days,
+            now=Clock().now(),
+            archive_to=archive_to,
+        )
+    except Conflict as exc:
+        console.print(str(exc), style="red", markup=False, soft_wrap=True)
+        raise typer.Exit(1) from exc
+    except DBAPIError as exc:
+        console.print(
+            f"清理失败 / purge failed: {exc.orig}. On PostgreSQL run it as the schema owner.",
+            style="red",
+            markup=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1) from exc
+    finally:
+        db.dispose()
+    written = f"; written to {result.archive}" if result.archive else ""
+    Console(highlight=False).print(
+        f"已清理 {result.purged} 条 / purged {result.purged} record(s) older than "
+        f"{result.cutoff:%Y-%m-%d %H:%M} UTC{written}"
+    )
 
 
 @app.command("settings")

@@ -55,3 +55,5 @@ class AuditEventType(StrEnum):
     HTTP_REQUEST = "http-request"
     APPLICATION_START = "application-start"
     APPLICATION_STOP = "application-stop"
+    AUDIT_PURGED = "audit-purged"
+    """Records past retention were removed; ``detail`` anchors the chain's new start."""

@@ -1,4 +1,11 @@
-"""The audit table. Rows are only ever inserted; later work adds the hash chain."""
+"""The audit table: append-only and hash-chained.
+
+Every row carries ``seq`` (1, 2, 3, ... in commit order), the hash of the row before it and
+its own hash over all of its fields (:mod:`cloudfilm.audit.chain`), so that a row changed,
+removed or slipped in directly in the database breaks the chain at that row. The
+application only inserts: on PostgreSQL its role has no UPDATE or DELETE grant, on SQLite
+triggers refuse both (the migration that added the chain creates them; a batch migration
+that recreates this table drops them and must create them again)."""
 
 from __future__ import annotations
 
@@ -36,3 +43,11 @@ class AuditEvent(Base):
     message: Mapped[str | None] = mapped_column(String(1024))
     """For failures: the reason, as told to the caller."""
     detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    seq: Mapped[int] = mapped_column(BigInteger, unique=True)
+    """Position in the chain: consecutive from 1 in commit order (a purge removes a prefix)."""
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    """``hash`` of the record at ``seq - 1`` (hex); 64 zeros for the first record ever."""
+    hash: Mapped[str] = mapped_column(String(64))
+    """Digest of ``prev_hash`` and this record's canonical form (hex)."""
+    hash_algorithm: Mapped[str] = mapped_column(String(16))
+    """``sm3`` or ``sha256``: how ``hash`` was computed (setting ``audit.hash_algorithm``)."""

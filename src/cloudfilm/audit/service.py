@@ -1,4 +1,5 @@
-"""Write audit events in the caller's transaction (Dispatch's ``log_case_event``)."""
+"""Write audit events in the caller's transaction (Dispatch's ``log_case_event``), each
+chained to the one before it (:mod:`cloudfilm.audit.chain`)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, insert
+from sqlalchemy import Table, insert, select, text
 from sqlalchemy.orm import Session
 
+from cloudfilm.audit.chain import GENESIS, link_hash
 from cloudfilm.audit.enums import ActorType, AuditAction, AuditEventType, AuditOutcome
 from cloudfilm.audit.models import AuditEvent
+from cloudfilm.config import AuditSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +39,29 @@ class Actor:
         return cls(ActorType.SYSTEM, component)
 
 
-_INSERT = insert(cast(Table, AuditEvent.__table__))
+_TABLE = cast(Table, AuditEvent.__table__)
+_INSERT = insert(_TABLE)
+_HEAD = select(_TABLE.c.seq, _TABLE.c.hash).order_by(_TABLE.c.seq.desc()).limit(1)
+
+#: PostgreSQL advisory lock that puts appends to the chain in line (the bytes "cfaudit1").
+CHAIN_LOCK_KEY = 0x6366617564697431
+_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
+
+
+class _Chain:
+    """The digest this process chains new records with (``audit.hash_algorithm``)."""
+
+    algorithm = AuditSettings().hash_algorithm.value
+
+
+def configure(settings: AuditSettings) -> None:
+    """Chain this process's new records with ``settings.hash_algorithm``.
+
+    Called where the process opens its archive. A process-wide value rather than an
+    argument of :func:`record`, so that the many callers of ``record`` need no settings;
+    each record stores its algorithm, so verification never depends on this value.
+    """
+    _Chain.algorithm = settings.hash_algorithm.value
 
 
 def record(
@@ -55,25 +80,42 @@ def record(
     detail: dict[str, Any] | None = None,
 ) -> None:
     """Insert one audit event in ``session``'s transaction: it commits with the change it
-    describes, or not at all."""
+    describes, or not at all.
+
+    The event is appended to the hash chain: it reads the newest record (one indexed
+    read) and links to it. On PostgreSQL appends wait in line on an advisory lock that
+    is held until the caller's transaction ends, so that ``seq`` follows commit order;
+    on SQLite writers are serialised already. Call it last in a transaction, so that
+    nothing else waits behind the lock. Two appends that raced anyway (a caller in a
+    read-only SQLite transaction) fail on the unique ``seq`` rather than fork the chain.
+    """
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        conn.execute(_LOCK, {"key": CHAIN_LOCK_KEY})
+    head = conn.execute(_HEAD).one_or_none()
     origin = source or actor.source
-    session.connection().execute(
-        _INSERT,
-        {
-            "occurred_at": datetime.now(UTC),
-            "event_type": event_type.value,
-            "action": action.value,
-            "outcome": int(outcome),
-            "actor_type": actor.type.value,
-            "actor_id": actor.id[:128],
-            "actor_role": actor.role,
-            "source": origin[-255:] if origin else None,
-            "object_type": object_type,
-            "object_id": object_id,
-            "patient_id": patient_id,
-            "study_instance_uid": study_instance_uid,
-            "request_id": actor.request_id,
-            "message": message[:1024] if message else None,
-            "detail": detail,
-        },
-    )
+    now = datetime.now(UTC)
+    algorithm = _Chain.algorithm
+    row: dict[str, Any] = {
+        "seq": head.seq + 1 if head is not None else 1,
+        "prev_hash": head.hash if head is not None else GENESIS,
+        "hash_algorithm": algorithm,
+        # Milliseconds: what the record promises (G2), and exact in both databases.
+        "occurred_at": now.replace(microsecond=now.microsecond // 1000 * 1000),
+        "event_type": event_type.value,
+        "action": action.value,
+        "outcome": int(outcome),
+        "actor_type": actor.type.value,
+        "actor_id": actor.id[:128],
+        "actor_role": actor.role,
+        "source": origin[-255:] if origin else None,
+        "object_type": object_type,
+        "object_id": object_id,
+        "patient_id": patient_id,
+        "study_instance_uid": study_instance_uid,
+        "request_id": actor.request_id,
+        "message": message[:1024] if message else None,
+        "detail": detail,
+    }
+    row["hash"] = link_hash(algorithm, row["prev_hash"], row)
+    conn.execute(_INSERT, row)
