@@ -18,7 +18,8 @@ from sqlalchemy import text
 from cloudfilm import __version__, httpaudit
 from cloudfilm.archive import stats
 from cloudfilm.archive.ingest import Archive
-from cloudfilm.auth.accounts import Accounts
+from cloudfilm.auth.accounts import Accounts, WeakPassword
+from cloudfilm.auth.admin import router as admin_router
 from cloudfilm.auth.guard import AuthError, Permit
 from cloudfilm.auth.pages import router as pages_router
 from cloudfilm.auth.permissions import Permission
@@ -62,6 +63,7 @@ def create_app(archive: Archive, *, clock: Clock | None = None) -> FastAPI:
     app.include_router(dicomweb_router)
     app.include_router(wado_uri_router)
     app.include_router(auth_router)
+    app.include_router(admin_router)
     app.include_router(pages_router)
     _install_error_handlers(app)
     httpaudit.install(app, archive, UNAUDITED_PATHS)
@@ -166,7 +168,7 @@ def _install_error_handlers(app: FastAPI) -> None:
             status_code=400,
         )
 
-    statuses = {NotFound: 404, Conflict: 409, PermissionDenied: 403}
+    statuses = {NotFound: 404, Conflict: 409, PermissionDenied: 403, WeakPassword: 400}
     for kind, status in statuses.items():
 
         def handler(_request: Request, exc: Exception, status: int = status) -> JSONResponse:

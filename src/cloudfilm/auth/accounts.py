@@ -59,10 +59,11 @@ def new_secret_token() -> str:
     return secrets.token_urlsafe(32)
 
 
-def one_time_password() -> str:
-    """A random initial password that satisfies every strength rule (16 characters)."""
+def one_time_password(length: int = 16) -> str:
+    """A random initial password of ``length`` (≥ 16) characters that satisfies every
+    strength rule."""
     alphabet = string.ascii_letters + string.digits
-    core = [secrets.choice(alphabet) for _ in range(12)]
+    core = [secrets.choice(alphabet) for _ in range(max(length, 16) - 4)]
     core += [
         secrets.choice(string.ascii_uppercase),
         secrets.choice(string.ascii_lowercase),
@@ -124,7 +125,7 @@ class Accounts:
         if session.scalar(select(User.id).where(User.username == username)) is not None:
             raise Conflict(f"用户名已存在 · user name {username!r} is taken")
         policy = policies.load(session)
-        initial = password if password is not None else one_time_password()
+        initial = password if password is not None else one_time_password(policy.min_length)
         self.check_strength(policy, initial)
         user = User(
             username=username,
@@ -173,7 +174,7 @@ class Accounts:
         """A new one-time password (returned once); the user must change it at next login."""
         now = self.clock.now()
         policy = policies.load(session)
-        initial = one_time_password()
+        initial = one_time_password(policy.min_length)
         self._store_password(session, user, initial, now)
         user.must_change_password = True
         user.initial_password_expires_at = now + timedelta(hours=policy.initial_password_hours)
@@ -225,7 +226,7 @@ class Accounts:
                     select(PasswordHistory.password_hash)
                     .where(PasswordHistory.user_id == user.id)
                     .order_by(PasswordHistory.id.desc())
-                    .limit(policy.history_count)
+                    .limit(policy.history_count - 1)  # the current one is the N-th
                 )
             )
         if any(self.hasher.verify(old, new) for old in recent):
