@@ -45,3 +45,8 @@ def login_style() -> Response:
 @router.get("/static/home.css", dependencies=[Depends(Permit.public_route())])
 def home_style() -> Response:
     return _asset("home.css", "text/css; charset=utf-8")
+
+
+@router.get("/static/favicon.svg", dependencies=[Depends(Permit.public_route())])
+def favicon() -> Response:
+    return _asset("favicon.svg", "image/svg+xml")
