@@ -47,6 +47,12 @@ UNAUDITED_PATHS = frozenset(
     }
 )
 
+
+def audited(path: str) -> bool:
+    """Whether a request to ``path`` gets an audit record (all but probes and page assets)."""
+    return path not in UNAUDITED_PATHS and not path.startswith("/static/")
+
+
 _PUBLIC = Depends(Permit.public_route())
 
 
@@ -66,7 +72,7 @@ def create_app(archive: Archive, *, clock: Clock | None = None) -> FastAPI:
     app.include_router(admin_router)
     app.include_router(pages_router)
     _install_error_handlers(app)
-    httpaudit.install(app, archive, UNAUDITED_PATHS)
+    httpaudit.install(app, archive, audited)
     _install_headers(app, archive)
 
     @app.get("/api/openapi.json", include_in_schema=False, dependencies=[_PUBLIC])

@@ -32,6 +32,8 @@ client_app = typer.Typer(
     help="Integration clients (bearer tokens for the HTTP interfaces).", no_args_is_help=True
 )
 app.add_typer(client_app, name="client")
+user_app = typer.Typer(help="Staff accounts (for operators at the server).", no_args_is_help=True)
+app.add_typer(user_app, name="user")
 audit_app = typer.Typer(
     help="审计日志 Audit trail: check the hash chain, purge records past retention.",
     no_args_is_help=True,
@@ -162,12 +164,15 @@ def serve(
         if empty:
             _load_demo(archive)
 
+    credentials = _first_start(archive, demo) if role in (Role.ALL, Role.API) else []
+
     dimse_server = None
     if role in (Role.ALL, Role.DIMSE):
         dimse_server = DIMSEServer(archive, settings.dimse)
         dimse_server.start()
     url = f"http://{settings.http.host}:{settings.http.port}/"
     _banner(settings, url, role)
+    _print_credentials(credentials)
     try:
         if role in (Role.ALL, Role.API):
             from cloudfilm.app import create_app
@@ -217,6 +222,32 @@ class _HTTPServer:
             timeout_graceful_shutdown=20,
         )
         Server(config).run()
+
+
+def _first_start(archive: Any, demo: bool) -> list[Any]:
+    """Built-in roles, the first administrators and (demo) two doctors; their one-time
+    passwords are returned to be printed once."""
+    from cloudfilm.auth.accounts import Accounts
+    from cloudfilm.auth.bootstrap import demo_users, first_start
+
+    accounts = Accounts(archive.settings)
+    with archive.db.session() as session:
+        created = first_start(session, accounts)
+        if demo:
+            created += demo_users(session, accounts)
+    return created
+
+
+def _print_credentials(credentials: list[Any]) -> None:
+    if not credentials:
+        return
+    lines = [
+        "[bold yellow]初始账户（一次性口令，仅显示这一次，首次登录须修改；管理员须绑定认证器）",
+        "Initial accounts (one-time passwords, shown only now; change at first login; "
+        "administrators enrol an authenticator app):[/bold yellow]",
+    ]
+    lines += [f"  {c.username:<12} {c.password}   {c.role}" for c in credentials]
+    console.print("\n".join(lines), soft_wrap=True, highlight=False)
 
 
 def _banner(settings: Settings, url: str, role: Role) -> None:
@@ -423,29 +454,49 @@ def storage_sweep(
 
 @client_app.command("create")
 def client_create(
-    name: str = typer.Argument(..., help="Who the client is, e.g. ris, ohif, gateway-a."),
+    name: str = typer.Argument(..., help="The client id: who the client is, e.g. ris, ohif."),
+    scope: list[str] = typer.Option(
+        None,
+        "--scope",
+        help="A permission the client may ask for (repeat); default: all study "
+        "permissions (study:search study:read study:download study:store archive:stats).",
+    ),
+    expires_days: int | None = typer.Option(None, help="The secret stops working after N days."),
     data_dir: Path | None = DataDir,
 ) -> None:
-    """Create a client and print its bearer token (shown once, stored only as a hash)."""
+    """Create a client and print its secret (shown once, stored only as a hash). The client
+    trades it for short-lived bearer tokens at POST /api/oauth/token."""
     from cloudfilm.auth import service as auth
+    from cloudfilm.clock import Clock
     from cloudfilm.errors import Conflict
 
     archive = _open_archive(_settings(data_dir), migrate=False)
+    now = Clock().now()
     try:
         with archive.db.session() as session:
-            _, token = auth.create_client(session=session, name=name)
+            client, secret = auth.create_client(
+                session=session,
+                name=name,
+                now=now,
+                scopes=scope or None,
+                expires_at=now + timedelta(days=expires_days) if expires_days else None,
+            )
+            scopes = " ".join(client.scopes)
     except Conflict as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from exc
     finally:
         archive.close()
-    console.print(f"client {name!r} created; its token (shown only now):")
-    typer.echo(token)
+    console.print(
+        f"client {name!r} created (scopes: {scopes}); its secret, shown only now — "
+        "POST /api/oauth/token with grant_type=client_credentials, client_id, client_secret:"
+    )
+    typer.echo(secret)
 
 
 @client_app.command("disable")
 def client_disable(name: str, data_dir: Path | None = DataDir) -> None:
-    """Disable a client: its token stops working at once."""
+    """Disable a client: its secret and every token it holds stop working at once."""
     from cloudfilm.auth import service as auth
     from cloudfilm.errors import NotFound
 
@@ -481,6 +532,125 @@ def client_list(data_dir: Path | None = DataDir) -> None:
             "yes" if client.enabled else "no",
             client.created_at.strftime("%Y-%m-%d %H:%M"),
         )
+    Console().print(table)
+
+
+@contextlib.contextmanager
+def _accounts_session(data_dir: Path | None) -> Iterator[tuple[Any, Any]]:
+    """A write session and the account service; domain errors end the command cleanly."""
+    from cloudfilm.auth.accounts import Accounts, WeakPassword
+    from cloudfilm.auth.roles import seed_builtin_roles
+    from cloudfilm.errors import Conflict, NotFound
+
+    archive = _open_archive(_settings(data_dir), migrate=False)
+    accounts = Accounts(archive.settings)
+    try:
+        with archive.db.session() as session:
+            seed_builtin_roles(session, accounts.clock.now())
+            yield session, accounts
+    except (Conflict, NotFound, WeakPassword) as exc:
+        console.print(str(exc), style="red", markup=False, soft_wrap=True)
+        raise typer.Exit(1) from exc
+    finally:
+        archive.close()
+
+
+def _user_named(session: Any, username: str) -> Any:
+    from sqlalchemy import select
+
+    from cloudfilm.auth.models import User
+    from cloudfilm.errors import NotFound
+
+    user = session.scalars(select(User).where(User.username == username)).one_or_none()
+    if user is None:
+        raise NotFound(f"没有此用户 · no user {username!r}")
+    return user
+
+
+def _audit_cli(session: Any, command: str, event: str, username: str) -> None:
+    from cloudfilm.audit import service as audit
+    from cloudfilm.audit.enums import AuditAction, AuditEventType
+    from cloudfilm.audit.service import Actor
+
+    audit.record(
+        session=session,
+        actor=Actor.cli(command),
+        event_type=AuditEventType(event),
+        action=AuditAction.UPDATE,
+        object_type="user",
+        object_id=username,
+    )
+
+
+@user_app.command("create")
+def user_create(
+    username: str,
+    role: list[str] = typer.Option(..., "--role", help="Role code (repeat), e.g. radiologist."),
+    display_name: str = typer.Option("", help="Name shown in the pages, e.g. 王医生."),
+    department: str | None = typer.Option(None, help="Department code."),
+    data_dir: Path | None = DataDir,
+) -> None:
+    """Create a user with a one-time password (printed once; changed at first login)."""
+    with _accounts_session(data_dir) as (session, accounts):
+        _, password = accounts.create_user(
+            session,
+            username=username,
+            display_name=display_name,
+            department=department,
+            roles=role,
+        )
+        _audit_cli(session, "user create", "user-changed", username)
+    console.print(f"用户 {username} 已创建，一次性口令（仅显示这一次）· one-time password:")
+    typer.echo(password)
+
+
+@user_app.command("reset-password")
+def user_reset_password(username: str, data_dir: Path | None = DataDir) -> None:
+    """Give a user a new one-time password (ends the user's sessions, unlocks)."""
+    with _accounts_session(data_dir) as (session, accounts):
+        password = accounts.reset_password(session, _user_named(session, username))
+        _audit_cli(session, "user reset-password", "password-changed", username)
+    console.print(f"用户 {username} 的一次性口令（仅显示这一次）· one-time password:")
+    typer.echo(password)
+
+
+@user_app.command("unlock")
+def user_unlock(username: str, data_dir: Path | None = DataDir) -> None:
+    """Lift a lockout after failed logins."""
+    with _accounts_session(data_dir) as (session, accounts):
+        accounts.unlock(_user_named(session, username))
+        _audit_cli(session, "user unlock", "user-changed", username)
+    console.print(f"用户 {username} 已解锁 · unlocked")
+
+
+@user_app.command("disable")
+def user_disable(username: str, data_dir: Path | None = DataDir) -> None:
+    """Disable a user: every session of the user ends at once."""
+    with _accounts_session(data_dir) as (session, accounts):
+        accounts.set_enabled(session, _user_named(session, username), False)
+        _audit_cli(session, "user disable", "user-changed", username)
+    console.print(f"用户 {username} 已停用 · disabled")
+
+
+@user_app.command("list")
+def user_list(data_dir: Path | None = DataDir) -> None:
+    """List users with their roles (never a password)."""
+    from sqlalchemy import select
+
+    from cloudfilm.auth.models import User
+
+    with _accounts_session(data_dir) as (session, accounts):
+        table = Table("user", "name", "roles", "enabled", "locked until", "last login")
+        for user in session.scalars(select(User).order_by(User.username)):
+            roles = ", ".join(r.code for r in accounts.roles_of(session, user.id))
+            table.add_row(
+                user.username,
+                user.display_name,
+                roles,
+                "yes" if user.enabled else "no",
+                f"{user.locked_until:%Y-%m-%d %H:%M}" if user.locked_until else "",
+                f"{user.last_login_at:%Y-%m-%d %H:%M}" if user.last_login_at else "",
+            )
     Console().print(table)
 
 

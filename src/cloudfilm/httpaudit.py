@@ -57,14 +57,14 @@ def note(
     )
 
 
-def install(app: FastAPI, archive: Archive, unaudited: frozenset[str]) -> None:
+def install(app: FastAPI, archive: Archive, audited: Callable[[str], bool]) -> None:
     @app.middleware("http")
     async def audit_requests(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
         given = request.headers.get("x-request-id", "")
         request.state.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
-        if request.url.path in unaudited or request.url.path.startswith("/static/"):
+        if not audited(request.url.path):
             response = await call_next(request)
         else:
             try:

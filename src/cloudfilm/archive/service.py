@@ -303,8 +303,7 @@ def _study_values(h: _Header) -> dict[str, Any]:
         "study_description": h.text("StudyDescription", 64),
         "referring_physician_name": h.text("ReferringPhysicianName", 400),
         "institution_name": h.text("InstitutionName", 64),
-        "department": h.text("RequestingService", 64)
-        or h.text("InstitutionalDepartmentName", 64),
+        "department": h.text("RequestingService", 64) or h.text("InstitutionalDepartmentName", 64),
     }
 
 

@@ -142,7 +142,7 @@ class Permit:
     """A route's declared permission, as a FastAPI dependency returning the caller.
 
     ``Permit(Permission.X)``: a fully signed-in user or a client holding X.
-    ``Permit.signed_in(stages)``: any signed-in caller at one of ``stages`` (own account).
+    ``Permit.signed_in(stages)``: any signed-in caller at one of ``stages``.
     ``Permit.public()``: anyone, e.g. the login form; still CSRF/Origin checked.
     """
 
@@ -152,18 +152,22 @@ class Permit:
         *,
         public: bool = False,
         stages: frozenset[Stage] = frozenset({Stage.FULL}),
+        staff_only: bool = False,
     ) -> None:
         self.permission = permission
         self.public = public
         self.stages = stages
+        self.staff_only = staff_only
 
     @classmethod
     def public_route(cls) -> Permit:
         return cls(None, public=True)
 
     @classmethod
-    def signed_in(cls, *stages: Stage) -> Permit:
-        return cls(None, stages=frozenset(stages or (Stage.FULL,)))
+    def signed_in(cls, *stages: Stage, staff_only: bool = False) -> Permit:
+        """Any signed-in caller at one of ``stages``; with ``staff_only`` a user with an
+        account (the own-account steps), not an integration client."""
+        return cls(None, stages=frozenset(stages or (Stage.FULL,)), staff_only=staff_only)
 
     def describe(self) -> str:
         if self.public:
@@ -192,6 +196,10 @@ class Permit:
                 raise AuthError(
                     403, "csrf", "缺少或错误的 CSRF 令牌 · missing or wrong X-CSRF-Token header"
                 )
+        if self.staff_only and principal.user_id is None:
+            raise AuthError(
+                403, "forbidden", "仅限登录用户 · for signed-in staff, not integration clients"
+            )
         if principal.stage not in self.stages:
             code, message = _STAGE_MESSAGES.get(principal.stage, ("forbidden", "无权访问"))
             raise AuthError(403, code, message)

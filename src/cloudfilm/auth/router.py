@@ -136,7 +136,7 @@ def login(
 
 def _user(session: Any, principal: Principal) -> User:
     user: User | None = session.get(User, principal.user_id, with_for_update=True)
-    if user is None or principal.session_id is None:
+    if user is None:
         raise AuthError(401, "not_signed_in", "请先登录 · sign in first")
     return user
 
@@ -172,11 +172,9 @@ def me(request: Request, principal: Annotated[Principal, Depends(_ANY_STAGE)]) -
 def update_me(
     body: ProfileBody,
     request: Request,
-    principal: Annotated[Principal, Depends(Permit.signed_in())],
+    principal: Annotated[Principal, Depends(Permit.signed_in(staff_only=True))],
 ) -> dict[str, Any]:
     accounts = _accounts(request)
-    if principal.user_id is None:
-        raise AuthError(403, "forbidden", "integration clients have no profile")
     note(request, AuditEventType.USER_CHANGED, AuditAction.UPDATE, "user", principal.name)
     with request.app.state.archive.db.session() as session:
         user = _user(session, principal)
@@ -190,7 +188,9 @@ def update_me(
 )
 def mfa_setup(
     request: Request,
-    principal: Annotated[Principal, Depends(Permit.signed_in(Stage.MFA, Stage.FULL))],
+    principal: Annotated[
+        Principal, Depends(Permit.signed_in(Stage.MFA, Stage.FULL, staff_only=True))
+    ],
 ) -> dict[str, str]:
     accounts = _accounts(request)
     note(request, AuditEventType.MFA_ENROLLED, AuditAction.UPDATE, "user", principal.name)
@@ -240,7 +240,9 @@ def mfa_verify(
     body: CodeBody,
     request: Request,
     response: Response,
-    principal: Annotated[Principal, Depends(Permit.signed_in(Stage.MFA, Stage.FULL))],
+    principal: Annotated[
+        Principal, Depends(Permit.signed_in(Stage.MFA, Stage.FULL, staff_only=True))
+    ],
 ) -> dict[str, Any]:
     accounts = _accounts(request)
     note(
@@ -278,7 +280,9 @@ def change_password(
     body: PasswordBody,
     request: Request,
     response: Response,
-    principal: Annotated[Principal, Depends(Permit.signed_in(Stage.PASSWORD, Stage.FULL))],
+    principal: Annotated[
+        Principal, Depends(Permit.signed_in(Stage.PASSWORD, Stage.FULL, staff_only=True))
+    ],
 ) -> dict[str, Any]:
     accounts = _accounts(request)
     note(request, AuditEventType.PASSWORD_CHANGED, AuditAction.UPDATE, "user", principal.name)
