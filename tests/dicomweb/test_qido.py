@@ -122,6 +122,9 @@ def test_search__series_and_instances(populated: LiveServer) -> None:
     series = client.search_for_series("1.2.826.0.1.3680043.8.498.101")
     assert [s["0020000E"]["Value"][0] for s in series] == ["1.2.826.0.1.3680043.8.498.101.1"]
     assert series[0]["00201209"]["Value"] == [1]
+    # ModalitiesInStudy below the study level (its subquery must stay tied to the study).
+    in_mr_studies = client.search_for_series(search_filters={"ModalitiesInStudy": "MR"})
+    assert len(in_mr_studies) == 2
     instances = client.search_for_instances(search_filters={"Modality": "MR"})
     assert sorted(i["00080018"]["Value"][0] for i in instances) == [
         "1.2.826.0.1.3680043.8.498.102.1.1",

@@ -24,6 +24,7 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, and_, exists, func, or_, select, true
+from sqlalchemy.orm import aliased
 
 from cloudfilm.archive.models import Instance, Patient, Series, Study
 from cloudfilm.archive.names import has_han, without_accents
@@ -197,15 +198,24 @@ def condition(keyword: str, value: str, *, fuzzy: bool = False) -> ColumnElement
     if key.kind is Kind.PN:
         return _pn_condition(column, value, fuzzy, patient=key.level is Level.PATIENT)
     if key.kind is Kind.MODALITIES:
-        modalities = [m.strip() for m in value.split("\\") if m.strip()]
-        return exists(
-            select(Series.id).where(Series.study_pk == Study.id, Series.modality.in_(modalities))
-        )
+        return study_has_modality([m.strip() for m in value.split("\\") if m.strip()])
     values = value.split("\\")
     parts = [
         column.like(_like(v), escape="\\") if _has_wildcard(v) else column == v for v in values
     ]
     return or_(*parts) if len(parts) > 1 else parts[0]
+
+
+def study_has_modality(modalities: list[str]) -> ColumnElement[bool]:
+    """The :class:`Study` has a series of one of ``modalities`` (ModalitiesInStudy).
+    The subquery uses its own alias of the series table, so that it stays correlated to
+    the study alone when the outer query selects series too."""
+    series = aliased(Series)
+    return exists(
+        select(series.id)
+        .where(series.study_pk == Study.id, series.modality.in_(modalities))
+        .correlate(Study)
+    )
 
 
 def build_select(query: Query) -> Select[Any]:

@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, exists, false, or_, select
+from sqlalchemy import ColumnElement, and_, false, or_
 
-from cloudfilm.archive.models import Series, Study
+from cloudfilm.archive.matching import study_has_modality
+from cloudfilm.archive.models import Study
 from cloudfilm.audit.enums import ActorType
 from cloudfilm.audit.service import Actor
 from cloudfilm.auth.permissions import Duty, Permission
@@ -96,13 +97,7 @@ def study_condition(
                 departments.append(department)
             narrowing.append(Study.department.in_(departments) if departments else false())
         if scope.modalities:
-            narrowing.append(
-                exists(
-                    select(Series.id).where(
-                        Series.study_pk == Study.id, Series.modality.in_(scope.modalities)
-                    )
-                )
-            )
+            narrowing.append(study_has_modality(scope.modalities))
         if scope.institutions:
             narrowing.append(Study.institution_name.in_(scope.institutions))
         if narrowing:
