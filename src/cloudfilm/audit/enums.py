@@ -57,3 +57,5 @@ class AuditEventType(StrEnum):
     APPLICATION_STOP = "application-stop"
     AUDIT_PURGED = "audit-purged"
     """Records past retention were removed; ``detail`` anchors the chain's new start."""
+    AUDIT_LOG_USED = "audit-log-used"
+    """The audit trail was searched, verified or exported (DICOM "Audit Log Used")."""
