@@ -36,11 +36,6 @@ from conftest import DATA, PG_ADMIN_URL
 
 pytestmark = pytest.mark.postgres
 
-_INSERT_AUDIT = (
-    "INSERT INTO audit_event (occurred_at, event_type, action, outcome, actor_type, actor_id) "
-    "VALUES (now(), 'test', 'C', 0, 'system', 'pytest')"
-)
-
 
 @dataclass(frozen=True)
 class Cluster:
@@ -201,8 +196,19 @@ def test_business_role__cannot_alter_or_drop_tables(as_app: Engine, sql: str) ->
 
 
 def test_audit_event__insert_and_select(as_app: Engine) -> None:
-    with as_app.begin() as conn:
-        conn.execute(text(_INSERT_AUDIT))
+    """The application's own writer (hash chain, advisory lock) works as the app role."""
+    from sqlalchemy.orm import Session
+
+    from cloudfilm.audit import service as audit
+    from cloudfilm.audit.enums import AuditAction, AuditEventType
+
+    with Session(as_app) as session, session.begin():
+        audit.record(
+            session=session,
+            actor=Actor.cli("pytest"),
+            event_type=AuditEventType.APPLICATION_START,
+            action=AuditAction.EXECUTE,
+        )
     with as_app.connect() as conn:
         assert conn.scalar(text("SELECT count(*) FROM audit_event WHERE actor_id = 'pytest'"))
 

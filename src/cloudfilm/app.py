@@ -18,6 +18,7 @@ from sqlalchemy import text
 from cloudfilm import __version__, httpaudit
 from cloudfilm.archive import stats
 from cloudfilm.archive.ingest import Archive
+from cloudfilm.audit.router import router as audit_router
 from cloudfilm.auth.accounts import Accounts, WeakPassword
 from cloudfilm.auth.admin import router as admin_router
 from cloudfilm.auth.guard import AuthError, Permit
@@ -30,6 +31,7 @@ from cloudfilm.dicomweb.router import DicomwebError
 from cloudfilm.dicomweb.router import router as dicomweb_router
 from cloudfilm.dicomweb.wado_uri import router as wado_uri_router
 from cloudfilm.errors import Conflict, NotFound, PermissionDenied
+from cloudfilm.ohif import router as ohif_router
 
 _HOME = Template((Path(__file__).parent / "templates" / "home.html").read_text("utf-8"))
 
@@ -41,6 +43,7 @@ UNAUDITED_PATHS = frozenset(
         "/readyz",
         "/",
         "/login",
+        "/ohif",
         "/api/docs",
         "/api/openapi.json",
         "/api/docs/oauth2-redirect",
@@ -49,8 +52,12 @@ UNAUDITED_PATHS = frozenset(
 
 
 def audited(path: str) -> bool:
-    """Whether a request to ``path`` gets an audit record (all but probes and page assets)."""
-    return path not in UNAUDITED_PATHS and not path.startswith("/static/")
+    """Whether a request to ``path`` gets an audit record (all but probes and page assets).
+
+    The OHIF viewer's files (``/ohif/...``: about a hundred scripts, styles and WASM
+    modules per page load) hold no patient data; what the viewer reads goes through
+    ``/dicom-web``, which is audited."""
+    return path not in UNAUDITED_PATHS and not path.startswith(("/static/", "/ohif/"))
 
 
 _PUBLIC = Depends(Permit.public_route())
@@ -70,7 +77,9 @@ def create_app(archive: Archive, *, clock: Clock | None = None) -> FastAPI:
     app.include_router(wado_uri_router)
     app.include_router(auth_router)
     app.include_router(admin_router)
+    app.include_router(audit_router)
     app.include_router(pages_router)
+    app.include_router(ohif_router)
     _install_error_handlers(app)
     httpaudit.install(app, archive, audited)
     _install_headers(app, archive)

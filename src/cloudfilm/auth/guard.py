@@ -61,9 +61,9 @@ def principal_of(request: Request) -> Principal:
     scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
     session_cookie, _ = cookie_names(archive.settings.security.cookie_secure)
     if scheme.lower() == "bearer" and credentials.strip():
-        with archive.db.read_session() as session:
+        with archive.db.read_connection() as conn:
             holder = clients.authenticate(
-                session=session, token=credentials.strip(), now=accounts.clock.now()
+                conn=conn, token=credentials.strip(), now=accounts.clock.now()
             )
         if holder is None:
             request.state.auth_problem = "invalid_token"
@@ -83,11 +83,8 @@ def principal_of(request: Request) -> Principal:
 def _user_principal(
     request: Request, archive: Archive, accounts: Accounts, token: str
 ) -> Principal:
-    with archive.db.read_session() as session:
-        live = accounts.live_session(session, token)
-        department = None
-        if live is not None and not live.expired:
-            department = accounts.department_code(session, live.user)
+    with archive.db.read_connection() as conn:
+        live = accounts.live_session(conn, token)
     if live is None:
         request.state.auth_problem = "invalid_session"
         return ANONYMOUS
@@ -97,21 +94,21 @@ def _user_principal(
     if live.expired:
         request.state.auth_problem = "session_expired"
         return ANONYMOUS
-    user = live.user
+    row = live.row
     grant = grant_of(live.roles, client_ip(request), accounts.clock.now())
     return Principal(
         ActorType.USER,
-        user.username,
+        row.username,
         roles=grant.role_codes,
         permissions=grant.permissions,
         study_scope=study_condition(
-            grant, department=department, person_names=[user.display_name, user.username]
+            grant, department=row.department, person_names=[row.display_name, row.username]
         ),
         duties=grant.duties,
-        stage=Stage(live.row.stage),
-        user_id=user.id,
-        session_id=live.row.id,
-        csrf_token=live.row.csrf_token,
+        stage=Stage(row.stage),
+        user_id=row.user_id,
+        session_id=row.id,
+        csrf_token=row.csrf_token,
         via_cookie=True,
     )
 

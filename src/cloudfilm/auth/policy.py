@@ -6,9 +6,11 @@ security administrator edits; each change is audited with the old and new values
 
 from __future__ import annotations
 
+import json
 import string
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,7 +22,7 @@ POLICY_KEY = "security_policy"
 
 
 class SecurityPolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
 
     strength_enabled: bool = True
     """口令复杂度 · Enforce the character-class rules below."""
@@ -64,7 +66,19 @@ class SecurityPolicy(BaseModel):
 
 def load(session: Session) -> SecurityPolicy:
     row = session.get(SecuritySetting, POLICY_KEY)
-    return SecurityPolicy.model_validate(row.value) if row else SecurityPolicy()
+    return parse(row.value if row else None)
+
+
+def parse(value: dict[str, Any] | str | None) -> SecurityPolicy:
+    """The policy from its stored JSON (``None``: the defaults); parsed once per value."""
+    if value is None:
+        return _parse("{}")
+    return _parse(value if isinstance(value, str) else json.dumps(value, sort_keys=True))
+
+
+@lru_cache(maxsize=8)
+def _parse(text: str) -> SecurityPolicy:
+    return SecurityPolicy.model_validate_json(text)
 
 
 def save(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, false, or_
@@ -15,7 +16,7 @@ from cloudfilm.archive.models import Study
 from cloudfilm.audit.enums import ActorType
 from cloudfilm.audit.service import Actor
 from cloudfilm.auth.permissions import Duty, Permission
-from cloudfilm.auth.roles import Grant
+from cloudfilm.auth.roles import DataScope, Grant
 
 
 class Stage(StrEnum):
@@ -84,12 +85,24 @@ def _names_match(column: Any, names: list[str]) -> ColumnElement[bool]:
 def study_condition(
     grant: Grant, *, department: str | None, person_names: list[str]
 ) -> ColumnElement[bool] | None:
-    """The SQL condition on :class:`Study` for the data scopes in ``grant`` (``None``: all)."""
+    """The SQL condition on :class:`Study` for the data scopes in ``grant`` (``None``: all).
+    Built once per distinct scope, department and names: expressions are immutable."""
     if grant.unrestricted:
         return None
+    return _condition(
+        tuple(s.model_dump_json() for s in grant.scopes),
+        department,
+        tuple(n for n in person_names if n.strip()),
+    )
+
+
+@lru_cache(maxsize=1024)
+def _condition(
+    scopes: tuple[str, ...], department: str | None, names: tuple[str, ...]
+) -> ColumnElement[bool]:
     alternatives: list[ColumnElement[bool]] = []
-    names = [n for n in person_names if n.strip()]
-    for scope in grant.scopes:
+    for text in scopes:
+        scope = DataScope.model_validate_json(text)
         narrowing: list[ColumnElement[bool]] = []
         if scope.own_department or scope.departments:
             departments = list(scope.departments)
@@ -103,5 +116,5 @@ def study_condition(
         if narrowing:
             alternatives.append(and_(*narrowing))
         if scope.own_patients and names:
-            alternatives.append(_names_match(Study.referring_physician_name, names))
+            alternatives.append(_names_match(Study.referring_physician_name, list(names)))
     return or_(*alternatives) if alternatives else false()

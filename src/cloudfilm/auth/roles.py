@@ -4,11 +4,13 @@ user's roles grant at a given moment from a given address."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, time
-from typing import Annotated, Any
+from functools import lru_cache
+from typing import Annotated, Any, Protocol, TypeVar
 from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -18,6 +20,8 @@ from sqlalchemy.orm import Session
 from cloudfilm.auth.models import Role
 from cloudfilm.auth.permissions import Duty, Permission
 from cloudfilm.errors import Conflict
+
+_Model = TypeVar("_Model", bound=BaseModel)
 
 
 class DataScope(BaseModel):
@@ -261,7 +265,17 @@ class Grant:
         return any(s.all for s in self.scopes)
 
 
-def grant_of(roles: Iterable[Role], address: str | None, now: datetime) -> Grant:
+class RoleRow(Protocol):
+    """What :func:`grant_of` reads of a role: an ORM :class:`Role` or a Core row."""
+
+    code: str
+    duty: str | None
+    permissions: list[str]
+    data_scope: dict[str, Any]
+    access: dict[str, Any]
+
+
+def grant_of(roles: Iterable[RoleRow], address: str | None, now: datetime) -> Grant:
     permissions: set[Permission] = set()
     scopes: list[DataScope] = []
     duties: set[Duty] = set()
@@ -270,11 +284,22 @@ def grant_of(roles: Iterable[Role], address: str | None, now: datetime) -> Grant
         codes.append(role.code)
         if role.duty:
             duties.add(Duty(role.duty))
-        if not AccessRule.model_validate(role.access or {}).allows(address, now):
+        if not _parsed(AccessRule, role.access).allows(address, now):
             continue
         permissions.update(Permission(p) for p in role.permissions if p in _KNOWN)
-        scopes.append(DataScope.model_validate(role.data_scope or {}))
+        scopes.append(_parsed(DataScope, role.data_scope))
     return Grant(frozenset(permissions), tuple(scopes), frozenset(duties), tuple(codes))
+
+
+def _parsed(model: type[_Model], value: dict[str, Any] | None) -> _Model:
+    """``value`` validated as ``model``, once per distinct value (roles change rarely and
+    are read on every request)."""
+    return _parse_json(model, json.dumps(value or {}, sort_keys=True))  # type: ignore[return-value]
+
+
+@lru_cache(maxsize=512)
+def _parse_json(model: type[BaseModel], text: str) -> BaseModel:
+    return model.model_validate_json(text)
 
 
 def dump(role: Role) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, select
+from sqlalchemy import Connection, bindparam, delete, select
 from sqlalchemy.orm import Session
 
 from cloudfilm.auth.models import AccessToken, ApiClient
@@ -141,18 +141,19 @@ class TokenHolder:
     scopes: frozenset[Permission]
 
 
-def authenticate(*, session: Session, token: str, now: datetime) -> TokenHolder | None:
-    """The client behind a live bearer token, with the token's scopes."""
+def authenticate(*, conn: Connection, token: str, now: datetime) -> TokenHolder | None:
+    """The client behind a live bearer token, with the token's scopes (one indexed read)."""
     if not token.startswith(TOKEN_PREFIX) or len(token) > 128:
         return None
-    row = session.execute(
-        select(ApiClient.name, ApiClient.enabled, AccessToken.scopes, AccessToken.expires_at)
-        .join(ApiClient, AccessToken.client_id == ApiClient.id)
-        .where(AccessToken.token_hash == token_hash(token))
-    ).one_or_none()
+    row = conn.execute(_TOKEN, {"digest": token_hash(token)}).one_or_none()
     if row is None or not row.enabled or as_utc(row.expires_at) <= now:
         return None
     return TokenHolder(row.name, frozenset(Permission(s) for s in row.scopes if s in _KNOWN))
 
 
+_TOKEN = (
+    select(ApiClient.name, ApiClient.enabled, AccessToken.scopes, AccessToken.expires_at)
+    .join(ApiClient, AccessToken.client_id == ApiClient.id)
+    .where(AccessToken.token_hash == bindparam("digest"))
+)
 _KNOWN = {p.value for p in Permission}
