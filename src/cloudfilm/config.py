@@ -263,8 +263,9 @@ class SecuritySettings(_Section):
     argon2_parallelism: int = Field(default=1, ge=1)
     """argon2id lanes."""
 
-    pbkdf2_iterations: int = Field(default=200_000, ge=100_000)
-    """PBKDF2-HMAC-SM3 iterations (at least 100 000)."""
+    pbkdf2_iterations: int = Field(default=100_000, ge=100_000)
+    """PBKDF2-HMAC-SM3 iterations (at least 100 000; about 130 ms per login on a 2-core
+    server, docs/benchmarks.md)."""
 
     cookie_secure: bool = True
     """Session cookies carry ``Secure`` and the ``__Host-`` prefix. Browsers accept them over
@@ -295,6 +296,12 @@ class HttpSettings(_Section):
     """Other web origins allowed to call the API from a browser (CORS), e.g.
     ``["https://his.hospital.cn"]``. Empty: same origin only. State-changing requests
     from any other ``Origin`` are refused."""
+
+    ohif_dir: Path | None = None
+    """The ``dist`` folder of the prebuilt OHIF viewer (npm ``@ohif/app``) served at
+    ``/ohif/``. Default: ``web/ohif/node_modules/@ohif/app/dist`` in the checkout, where
+    ``scripts/install-web`` (run by ``make run`` and ``make test``) installs it. Set it
+    when the program runs from an installed package or the viewer lives elsewhere."""
 
 
 class Settings(BaseSettings):

@@ -16,7 +16,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import URL, Connection, Engine, MetaData, create_engine, event, make_url
+from sqlalchemy import (
+    URL,
+    Connection,
+    Engine,
+    Executable,
+    MetaData,
+    Row,
+    create_engine,
+    event,
+    make_url,
+)
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from cloudfilm.config import Settings
@@ -93,6 +104,17 @@ class Database:
         self.session_factory = sessionmaker(self.engine, expire_on_commit=False)
         self._readonly_engine = self.engine.execution_options(**{_READONLY: True})
         self.read_factory = sessionmaker(self._readonly_engine, expire_on_commit=False)
+        self._single_engine = (
+            self._readonly_engine
+            if self.is_sqlite
+            else create_engine(
+                database_url(settings),
+                pool_size=2,
+                max_overflow=settings.database.pool_size,
+                pool_pre_ping=False,
+                isolation_level="AUTOCOMMIT",
+            )
+        )
 
     @property
     def is_sqlite(self) -> bool:
@@ -116,5 +138,23 @@ class Database:
         with self._readonly_engine.connect() as conn:
             yield conn
 
+    def read_once(self, statement: Executable, params: dict[str, Any]) -> list[Row[Any]]:
+        """The rows of one read statement, for the per-request authentication lookups.
+
+        On PostgreSQL it runs in autocommit mode on a pool without pre-ping: no ``BEGIN``,
+        ``ROLLBACK`` or ping round trips (one statement sees one snapshot anyway). A
+        connection the server dropped is detected by the failure and the statement runs
+        once more on a fresh one.
+        """
+        for attempt in (1, 2):
+            try:
+                with self._single_engine.connect() as conn:
+                    return list(conn.execute(statement, params))
+            except DBAPIError as exc:
+                if attempt == 2 or not exc.connection_invalidated:
+                    raise
+        raise AssertionError("unreachable")
+
     def dispose(self) -> None:
         self.engine.dispose()
+        self._single_engine.dispose()

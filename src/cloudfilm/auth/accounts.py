@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pyotp
-from sqlalchemy import Connection, bindparam, delete, select, update
+from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.orm import Session
 
 from cloudfilm.auth import policy as policies
@@ -33,6 +33,7 @@ from cloudfilm.auth.roles import check_separation
 from cloudfilm.clock import Clock, as_utc
 from cloudfilm.config import Settings
 from cloudfilm.crypto.keys import Sealer, SealError, application_secret
+from cloudfilm.db import Database
 from cloudfilm.errors import CloudFilmError, Conflict, NotFound
 
 TOTP_ISSUER = "云胶片 Cloud Film"
@@ -83,6 +84,13 @@ def one_time_password(length: int = 16) -> str:
     return "".join(core)
 
 
+_POLICY = (
+    select(SecuritySetting.value)
+    .where(SecuritySetting.key == policies.POLICY_KEY)
+    .scalar_subquery()
+)
+#: One round trip per request: the session, its user and department, one row per role
+#: (or one row with empty role columns), and the stored policy.
 _SESSION = (
     select(
         UserSession.id,
@@ -95,18 +103,20 @@ _SESSION = (
         User.display_name,
         User.enabled,
         Department.code.label("department"),
+        Role.code,
+        Role.duty,
+        Role.permissions,
+        Role.data_scope,
+        Role.access,
+        _POLICY.label("policy"),
     )
     .join(User, UserSession.user_id == User.id)
     .outerjoin(Department, User.department_id == Department.id)
+    .outerjoin(UserRole, UserRole.user_id == User.id)
+    .outerjoin(Role, Role.id == UserRole.role_id)
     .where(UserSession.token_hash == bindparam("digest"))
-)
-_ROLES = (
-    select(Role.code, Role.duty, Role.permissions, Role.data_scope, Role.access)
-    .join(UserRole, UserRole.role_id == Role.id)
-    .where(UserRole.user_id == bindparam("user_id"))
     .order_by(Role.id)
 )
-_POLICY = select(SecuritySetting.value).where(SecuritySetting.key == policies.POLICY_KEY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,19 +437,20 @@ class Accounts:
             delete(UserSession).where(UserSession.token_hash == session_token_hash(token))
         )
 
-    def live_session(self, conn: Connection, token: str) -> LiveSession | None:
+    def live_session(self, db: Database, token: str) -> LiveSession | None:
         """The session behind ``token``, its user and roles, and whether it has expired
-        (idle too long, too old, or its user disabled). Three indexed reads on one
-        connection, no ORM: this runs for every request of a signed-in user. The caller
+        (idle too long, too old, or its user disabled). One indexed read, no ORM: this
+        runs for every request of a signed-in user. The caller
         deletes an expired session and refreshes ``last_seen_at`` in a write
         transaction."""
         if not token or len(token) > 128:
             return None
-        row = conn.execute(_SESSION, {"digest": session_token_hash(token)}).one_or_none()
-        if row is None:
+        rows = db.read_once(_SESSION, {"digest": session_token_hash(token)})
+        if not rows:
             return None
-        roles = list(conn.execute(_ROLES, {"user_id": row.user_id}))
-        policy = policies.parse(conn.execute(_POLICY).scalar_one_or_none())
+        row = rows[0]
+        roles = [r for r in rows if r.code is not None]
+        policy = policies.parse(row.policy)
         now = self.clock.now()
         idle = policy.admin_idle_minutes if any(r.duty for r in roles) else policy.idle_minutes
         seen = as_utc(row.last_seen_at)

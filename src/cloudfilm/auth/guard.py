@@ -61,10 +61,9 @@ def principal_of(request: Request) -> Principal:
     scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
     session_cookie, _ = cookie_names(archive.settings.security.cookie_secure)
     if scheme.lower() == "bearer" and credentials.strip():
-        with archive.db.read_connection() as conn:
-            holder = clients.authenticate(
-                conn=conn, token=credentials.strip(), now=accounts.clock.now()
-            )
+        holder = clients.authenticate(
+            db=archive.db, token=credentials.strip(), now=accounts.clock.now()
+        )
         if holder is None:
             request.state.auth_problem = "invalid_token"
         else:
@@ -83,8 +82,7 @@ def principal_of(request: Request) -> Principal:
 def _user_principal(
     request: Request, archive: Archive, accounts: Accounts, token: str
 ) -> Principal:
-    with archive.db.read_connection() as conn:
-        live = accounts.live_session(conn, token)
+    live = accounts.live_session(archive.db, token)
     if live is None:
         request.state.auth_problem = "invalid_session"
         return ANONYMOUS

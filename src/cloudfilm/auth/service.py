@@ -14,12 +14,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, bindparam, delete, select
+from sqlalchemy import bindparam, delete, select
 from sqlalchemy.orm import Session
 
 from cloudfilm.auth.models import AccessToken, ApiClient
 from cloudfilm.auth.permissions import Permission
 from cloudfilm.clock import as_utc
+from cloudfilm.db import Database
 from cloudfilm.errors import Conflict, NotFound, PermissionDenied
 
 #: Prefixes make leaked credentials recognisable to secret scanners.
@@ -141,11 +142,12 @@ class TokenHolder:
     scopes: frozenset[Permission]
 
 
-def authenticate(*, conn: Connection, token: str, now: datetime) -> TokenHolder | None:
+def authenticate(*, db: Database, token: str, now: datetime) -> TokenHolder | None:
     """The client behind a live bearer token, with the token's scopes (one indexed read)."""
     if not token.startswith(TOKEN_PREFIX) or len(token) > 128:
         return None
-    row = conn.execute(_TOKEN, {"digest": token_hash(token)}).one_or_none()
+    rows = db.read_once(_TOKEN, {"digest": token_hash(token)})
+    row = rows[0] if rows else None
     if row is None or not row.enabled or as_utc(row.expires_at) <= now:
         return None
     return TokenHolder(row.name, frozenset(Permission(s) for s in row.scopes if s in _KNOWN))
