@@ -14,10 +14,12 @@ export UV_COMPILE_BYTECODE := 1
 export UV_LINK_MODE := copy
 
 run: install
+	scripts/install-web
 	.venv/bin/cloudfilm serve --demo
 
 test: install
 	scripts/install-test-deps
+	scripts/install-web
 	scripts/test
 
 install: .venv/.installed
