@@ -9,7 +9,7 @@ from typing import Any, cast
 
 from sqlalchemy import ColumnElement, Connection, Row, Select, Table, select
 
-from cloudfilm.audit.chain import timestamp
+from cloudfilm.audit.chain import HASHED_FIELDS, timestamp
 from cloudfilm.audit.models import AuditEvent
 from cloudfilm.errors import NotFound
 
@@ -17,28 +17,7 @@ _TABLE = cast(Table, AuditEvent.__table__)
 _BATCH = 1000
 
 #: Every column, in the order the JSON and CSV forms list them.
-COLUMNS = (
-    "id",
-    "seq",
-    "occurred_at",
-    "event_type",
-    "action",
-    "outcome",
-    "actor_type",
-    "actor_id",
-    "actor_role",
-    "source",
-    "object_type",
-    "object_id",
-    "patient_id",
-    "study_instance_uid",
-    "request_id",
-    "message",
-    "detail",
-    "prev_hash",
-    "hash",
-    "hash_algorithm",
-)
+COLUMNS = ("id", *HASHED_FIELDS[:-1], "prev_hash", "hash", "hash_algorithm")
 
 
 #: Filters that match a column exactly.

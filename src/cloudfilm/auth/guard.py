@@ -10,7 +10,7 @@ every other request.
 from __future__ import annotations
 
 import secrets
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
@@ -205,7 +205,3 @@ class Permit:
                 f"无此权限 · not permitted: {self.permission.label} ({self.permission.value})",
             )
         return principal
-
-
-def permit_of(dependency: Any) -> Permit | None:
-    return dependency if isinstance(dependency, Permit) else None

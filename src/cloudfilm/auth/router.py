@@ -22,6 +22,14 @@ from cloudfilm.httpaudit import note
 router = APIRouter(tags=["auth"])
 
 _ANY_STAGE = Permit.signed_in(Stage.MFA, Stage.PASSWORD, Stage.FULL)
+#: The own-account steps, for staff with an account (not integration clients).
+Profile = Annotated[Principal, Depends(Permit.signed_in(staff_only=True))]
+SecondFactor = Annotated[
+    Principal, Depends(Permit.signed_in(Stage.MFA, Stage.FULL, staff_only=True))
+]
+NewPassword = Annotated[
+    Principal, Depends(Permit.signed_in(Stage.PASSWORD, Stage.FULL, staff_only=True))
+]
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "malformed request"},
     401: {"description": "not signed in, or wrong credentials"},
@@ -172,7 +180,7 @@ def me(request: Request, principal: Annotated[Principal, Depends(_ANY_STAGE)]) -
 def update_me(
     body: ProfileBody,
     request: Request,
-    principal: Annotated[Principal, Depends(Permit.signed_in(staff_only=True))],
+    principal: Profile,
 ) -> dict[str, Any]:
     accounts = _accounts(request)
     note(request, AuditEventType.USER_CHANGED, AuditAction.UPDATE, "user", principal.name)
@@ -188,9 +196,7 @@ def update_me(
 )
 def mfa_setup(
     request: Request,
-    principal: Annotated[
-        Principal, Depends(Permit.signed_in(Stage.MFA, Stage.FULL, staff_only=True))
-    ],
+    principal: SecondFactor,
 ) -> dict[str, str]:
     accounts = _accounts(request)
     note(request, AuditEventType.MFA_ENROLLED, AuditAction.UPDATE, "user", principal.name)
@@ -240,9 +246,7 @@ def mfa_verify(
     body: CodeBody,
     request: Request,
     response: Response,
-    principal: Annotated[
-        Principal, Depends(Permit.signed_in(Stage.MFA, Stage.FULL, staff_only=True))
-    ],
+    principal: SecondFactor,
 ) -> dict[str, Any]:
     accounts = _accounts(request)
     note(
@@ -280,9 +284,7 @@ def change_password(
     body: PasswordBody,
     request: Request,
     response: Response,
-    principal: Annotated[
-        Principal, Depends(Permit.signed_in(Stage.PASSWORD, Stage.FULL, staff_only=True))
-    ],
+    principal: NewPassword,
 ) -> dict[str, Any]:
     accounts = _accounts(request)
     note(request, AuditEventType.PASSWORD_CHANGED, AuditAction.UPDATE, "user", principal.name)
