@@ -26,7 +26,6 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
-import html
 import json
 import re
 import threading
@@ -223,19 +222,22 @@ def _headers(cache: str, **extra: str) -> dict[str, str]:
     return {**ISOLATION, "Cache-Control": cache, **extra}
 
 
-def _not_installed(dist: Dist) -> HTMLResponse:
-    page = f"""<!doctype html>
+def _not_installed() -> HTMLResponse:
+    # Says what to do, not where: the server's folders are none of an anonymous caller's
+    # business.
+    page = """<!doctype html>
 <html lang="zh-CN"><head><meta charset="utf-8">
 <title>OHIF 阅片器未安装 · OHIF viewer not installed</title></head>
 <body>
 <h1>OHIF 阅片器未安装 · the OHIF viewer is not installed</h1>
-<p>在 <code>{html.escape(str(dist.root))}</code> 找不到 OHIF 的 <code>index.html</code>。
+<p>在 <code>http.ohif_dir</code> 所指的目录里找不到 OHIF 的 <code>index.html</code>。
 在代码目录运行 <code>scripts/install-web</code>（<code>make run</code> 与 <code>make test</code>
 会自动运行），或用 <code>CLOUDFILM_HTTP__OHIF_DIR</code> 指向 <code>@ohif/app</code> 的
 <code>dist</code> 目录。</p>
-<p>No <code>index.html</code> of OHIF at that path. Run <code>scripts/install-web</code> in the
-checkout (<code>make run</code> and <code>make test</code> do), or point
-<code>CLOUDFILM_HTTP__OHIF_DIR</code> at the <code>dist</code> folder of <code>@ohif/app</code>.</p>
+<p>No <code>index.html</code> of OHIF where <code>http.ohif_dir</code> points. Run
+<code>scripts/install-web</code> in the checkout (<code>make run</code> and
+<code>make test</code> do), or point <code>CLOUDFILM_HTTP__OHIF_DIR</code> at the
+<code>dist</code> folder of <code>@ohif/app</code>.</p>
 <p><a href="/">返回首页 · home</a></p>
 </body></html>
 """
@@ -389,7 +391,7 @@ def ohif(request: Request, path: str) -> Response:
     settings: Settings = request.app.state.archive.settings
     dist = dist_of(settings)
     if not dist.installed:
-        return _not_installed(dist)
+        return _not_installed()
     if path == "app-config.js":
         return Response(
             app_config(settings, request),
