@@ -254,6 +254,8 @@ def _banner(settings: Settings, url: str, role: Role) -> None:
     lines = [f"[bold]云胶片 Cloud Film {__version__}[/bold] ({settings.environment.value})"]
     if role in (Role.ALL, Role.API):
         lines.append(f"  网页 Web:        {url}")
+        lines.append(f"  登录 Sign in:    {url}login")
+        lines.append(f"  阅片 OHIF:       {url}ohif/")
         lines.append(f"  接口 API docs:   {url}api/docs")
     if role in (Role.ALL, Role.DIMSE):
         lines.append(
