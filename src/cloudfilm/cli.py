@@ -334,9 +334,12 @@ def import_(
     out = Console()
     out.print(table)
     for label, reason in summary.rejected:
-        out.print(f"[red]拒收 rejected[/red] {label}: {reason}", highlight=False)
+        # One line per file, never wrapped: operators grep and copy these paths.
+        out.print(f"[red]拒收 rejected[/red] {label}: {reason}", highlight=False, soft_wrap=True)
     for label, reason in summary.skipped:
-        out.print(f"[yellow]跳过 skipped[/yellow] {label}: {reason}", highlight=False)
+        out.print(
+            f"[yellow]跳过 skipped[/yellow] {label}: {reason}", highlight=False, soft_wrap=True
+        )
     if summary.rejected:
         raise typer.Exit(1)
 
