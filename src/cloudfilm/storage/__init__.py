@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlparse
 
 from cloudfilm.storage.base import ObjectInfo, StorageBackend, check_key, new_key
 
+if TYPE_CHECKING:
+    from cloudfilm.config import Settings
+
 BACKENDS: dict[str, str] = {
     "file": "cloudfilm.storage.filesystem:FilesystemBackend",
+    "s3": "cloudfilm.storage.s3:S3Backend",
 }
 
 
@@ -27,4 +31,31 @@ def open_backend(url: str, **options: Any) -> StorageBackend:
     return cast(StorageBackend, backend_cls(url, **options))
 
 
-__all__ = ["BACKENDS", "ObjectInfo", "StorageBackend", "check_key", "new_key", "open_backend"]
+def open_storage(settings: Settings) -> StorageBackend:
+    """The backend at ``settings.storage_url`` with the options its scheme takes."""
+    url = settings.storage_url
+    storage = settings.storage
+    if urlparse(url).scheme == "s3":
+        secret = storage.s3_secret_access_key
+        return open_backend(
+            url,
+            access_key_id=storage.s3_access_key_id,
+            secret_access_key=secret.get_secret_value() if secret else None,
+            connect_timeout=storage.s3_connect_timeout_seconds,
+            read_timeout=storage.s3_read_timeout_seconds,
+            request_timeout=storage.s3_request_timeout_seconds,
+            max_retries=storage.s3_max_retries,
+            retry_timeout=storage.s3_retry_timeout_seconds,
+        )
+    return open_backend(url, fsync=storage.fsync)
+
+
+__all__ = [
+    "BACKENDS",
+    "ObjectInfo",
+    "StorageBackend",
+    "check_key",
+    "new_key",
+    "open_backend",
+    "open_storage",
+]
