@@ -30,8 +30,9 @@ from cloudfilm.clock import Clock
 from cloudfilm.dicomweb.router import DicomwebError
 from cloudfilm.dicomweb.router import router as dicomweb_router
 from cloudfilm.dicomweb.wado_uri import router as wado_uri_router
-from cloudfilm.errors import Conflict, NotFound, PermissionDenied
+from cloudfilm.errors import Conflict, NotFound, PermissionDenied, StorageFull, StorageUnavailable
 from cloudfilm.ohif import router as ohif_router
+from cloudfilm.storage.router import router as storage_router
 
 _HOME = Template((Path(__file__).parent / "templates" / "home.html").read_text("utf-8"))
 
@@ -73,6 +74,7 @@ def create_app(archive: Archive, *, clock: Clock | None = None) -> FastAPI:
     )
     app.state.archive = archive
     app.state.accounts = Accounts(archive.settings, clock)
+    app.state.storage_monitor = archive.monitor
     app.include_router(dicomweb_router)
     app.include_router(wado_uri_router)
     app.include_router(auth_router)
@@ -80,6 +82,7 @@ def create_app(archive: Archive, *, clock: Clock | None = None) -> FastAPI:
     app.include_router(audit_router)
     app.include_router(pages_router)
     app.include_router(ohif_router)
+    app.include_router(storage_router)
     _install_error_handlers(app)
     httpaudit.install(app, archive, audited)
     _install_headers(app, archive)
@@ -183,7 +186,15 @@ def _install_error_handlers(app: FastAPI) -> None:
             status_code=400,
         )
 
-    statuses = {NotFound: 404, Conflict: 409, PermissionDenied: 403, WeakPassword: 400}
+    # StorageFull before its base: 507 Insufficient Storage (RFC 4918 11.5), retry later.
+    statuses: dict[type[Exception], int] = {
+        NotFound: 404,
+        Conflict: 409,
+        PermissionDenied: 403,
+        WeakPassword: 400,
+        StorageFull: 507,
+        StorageUnavailable: 503,
+    }
     for kind, status in statuses.items():
 
         def handler(_request: Request, exc: Exception, status: int = status) -> JSONResponse:

@@ -153,6 +153,7 @@ def serve(
 
     from cloudfilm.archive import stats
     from cloudfilm.dimse.server import DIMSEServer
+    from cloudfilm.storage.monitor import MonitorLoop
 
     archive = _open_archive(settings, migrate=False)
     swept = archive.storage.sweep_temporary(settings.storage.temp_max_age_seconds)
@@ -170,6 +171,9 @@ def serve(
     if role in (Role.ALL, Role.DIMSE):
         dimse_server = DIMSEServer(archive, settings.dimse)
         dimse_server.start()
+    # Every role watches its storage (alarms are raised once, whichever process sees it).
+    monitor_loop = MonitorLoop(archive.monitor)
+    monitor_loop.start()
     url = f"http://{settings.http.host}:{settings.http.port}/"
     _banner(settings, url, role)
     _print_credentials(credentials)
@@ -187,6 +191,7 @@ def serve(
             while not stop.wait(0.5):
                 pass
     finally:
+        monitor_loop.stop()
         if dimse_server is not None:
             dimse_server.stop()
         archive.close()
@@ -455,6 +460,89 @@ def storage_sweep(
     finally:
         archive.close()
     Console().print(f"removed {temporary} temporary file(s) and {orphans} orphan object(s)")
+
+
+def _size(value: float | None) -> str:
+    if value is None:
+        return "—"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+@storage_app.command("status")
+def storage_status(
+    data_dir: Path | None = DataDir,
+    check: bool = typer.Option(
+        False, "--check", help="Also run one monitor pass: record a sample, raise/clear alarms."
+    ),
+) -> None:
+    """Capacity, used, free, growth per day, days until full, and active alarms."""
+    settings = _settings(data_dir)
+    archive = _open_archive(settings, migrate=False)
+    try:
+        monitor = archive.monitor
+        statuses = monitor.run_once().statuses if check else monitor.status()
+        alarms = monitor.active_alarms()
+    finally:
+        archive.close()
+    table = Table(
+        "backend",
+        "tier",
+        "capacity",
+        "used",
+        "free",
+        "used %",
+        "archive",
+        "objects",
+        "growth/day",
+        "days until full",
+        "ingest",
+        title="存储 Storage",
+    )
+    for s in statuses:
+        table.add_row(
+            s.name,
+            s.tier,
+            _size(s.capacity_bytes),
+            _size(s.used_bytes),
+            _size(s.free_bytes),
+            f"{s.percent_used:.1f}" if s.percent_used is not None else "—",
+            _size(s.archive_bytes),
+            str(s.instances),
+            _size(s.growth_bytes_per_day),
+            f"{s.days_until_full:.0f}" if s.days_until_full is not None else "—",
+            "accepting" if s.accepting else f"[red]refused[/red] {s.error or ''}".strip(),
+        )
+    console = Console()
+    console.print(table)
+    if not alarms:
+        console.print("no active alarms · 无告警")
+        return
+    alarm_table = Table(
+        "id",
+        "severity",
+        "kind",
+        "subject",
+        "raised",
+        "acknowledged",
+        "message",
+        title="告警 Alarms",
+    )
+    for a in alarms:
+        colour = "red" if a.severity == "critical" else "yellow"
+        alarm_table.add_row(
+            str(a.id),
+            f"[{colour}]{a.severity}[/{colour}]",
+            a.kind,
+            a.subject,
+            a.raised_at.strftime("%Y-%m-%d %H:%M"),
+            a.acknowledged_by or "",
+            a.message,
+        )
+    console.print(alarm_table)
 
 
 @client_app.command("create")

@@ -129,6 +129,55 @@ class IngestSettings(_Section):
     """Largest Rows x Columns accepted for one frame; larger headers are refused as absurd."""
 
 
+class MonitoringSettings(_Section):
+    interval_seconds: float = Field(default=60.0, gt=0)
+    """Seconds between two passes of the storage monitor in ``cloudfilm serve``: each pass
+    measures every backend, records a usage sample and raises or clears alarms. Ingest does
+    not wait for it: every write checks free space itself (``refuse_*`` below)."""
+
+    warning_percent: float = Field(default=85.0, gt=0, le=100)
+    """Used share of a storage device (percent) that raises a *warning* alarm: time to
+    order disks, add a tier or move old studies to nearline storage."""
+
+    critical_percent: float = Field(default=95.0, gt=0, le=100)
+    """Used share (percent) that raises a *critical* alarm: ingest will be refused soon."""
+
+    clear_margin_percent: float = Field(default=1.0, ge=0, le=50)
+    """An alarm clears when usage falls this many points below its threshold, so that a
+    device hovering at the threshold does not raise and clear an alarm on every pass."""
+
+    refuse_below_bytes: int = Field(default=2 * 1024**3, ge=0)
+    """Ingest is refused (C-STORE 0xA700, HTTP 507) when a write would leave less free
+    space than the larger of this and ``refuse_below_percent``: the disk never fills
+    completely, so the index, the audit trail and the operating system can still write.
+    Default 2 GiB."""
+
+    refuse_below_percent: float = Field(default=2.0, ge=0, le=50)
+    """Free share (percent of capacity) kept in reserve; see ``refuse_below_bytes``."""
+
+    forecast_warning_days: float = Field(default=30.0, ge=0)
+    """A *warning* alarm when the projection says the device reaches the refusal reserve
+    within this many days at the growth rate of the last ``growth_window_days``. 0: off."""
+
+    growth_window_days: int = Field(default=7, ge=1)
+    """Days of usage samples the growth rate (bytes per day) is measured over."""
+
+    sample_every_seconds: int = Field(default=3600, ge=1)
+    """At most one usage sample per backend in this many seconds (the table stays small)."""
+
+    sample_retention_days: int = Field(default=400, ge=1)
+    """Usage samples older than this are deleted."""
+
+    @model_validator(mode="after")
+    def _check_order(self) -> Self:
+        if self.warning_percent >= self.critical_percent:
+            raise ValueError(
+                f"monitoring.warning_percent ({self.warning_percent}) must be below "
+                f"critical_percent ({self.critical_percent})"
+            )
+        return self
+
+
 #: The law's floor for keeping logs of network operations (网络安全法 §21: six months).
 MIN_AUDIT_RETENTION_DAYS = 180
 
@@ -358,6 +407,8 @@ class Settings(BaseSettings):
     """Where the DICOM objects are kept."""
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     """What the ingest pipeline accepts."""
+    monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
+    """Storage capacity monitoring: thresholds, alarms, the refusal reserve."""
     audit: AuditSettings = Field(default_factory=AuditSettings)
     """The audit trail: hash chain and retention."""
     dimse: DimseSettings = Field(default_factory=DimseSettings)

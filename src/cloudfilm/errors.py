@@ -23,3 +23,8 @@ class InvalidDicom(CloudFilmError):
 
 class StorageUnavailable(CloudFilmError):
     """The storage backend cannot take or give bytes right now (full, offline, failing)."""
+
+
+class StorageFull(StorageUnavailable):
+    """The storage device is (nearly) full: ingest is refused before the disk fills
+    completely (C-STORE 0xA700 Out of Resources, HTTP 507 Insufficient Storage)."""

@@ -14,9 +14,11 @@ from cloudfilm.auth.models import (
     UserSession,
 )
 from cloudfilm.db import Base
+from cloudfilm.storage.models import Alarm, StorageSample
 
 __all__ = [
     "AccessToken",
+    "Alarm",
     "ApiClient",
     "AuditEvent",
     "Base",
@@ -28,6 +30,7 @@ __all__ = [
     "Role",
     "SecuritySetting",
     "Series",
+    "StorageSample",
     "Study",
     "User",
     "UserRole",

@@ -20,19 +20,20 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from cloudfilm.archive import service
-from cloudfilm.archive.models import Instance
+from cloudfilm.archive.models import Instance, Study
 from cloudfilm.archive.parsing import IngestLimits, ParsedInstance, parse_instance
 from cloudfilm.audit import service as audit
 from cloudfilm.audit.enums import AuditAction, AuditEventType, AuditOutcome
 from cloudfilm.audit.service import Actor
 from cloudfilm.config import Settings
 from cloudfilm.db import Database
-from cloudfilm.errors import InvalidDicom, StorageUnavailable
+from cloudfilm.errors import InvalidDicom, StorageFull, StorageUnavailable
 from cloudfilm.storage import StorageBackend, new_key, open_backend
+from cloudfilm.storage.monitor import ArchiveTotals, StorageMonitor
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,10 @@ class Archive:
         self.db = db or Database(settings)
         self.storage = storage or open_backend(settings.storage_url, fsync=settings.storage.fsync)
         self.storage_name = "primary"
+        self.monitor = StorageMonitor(
+            self.db, settings.monitoring, {self.storage_name: (self.storage, "online")}, self.totals
+        )
+        """Free-space guard before every write, usage, alarms (:mod:`cloudfilm.storage.monitor`)."""
         self.limits = IngestLimits(
             max_object_bytes=settings.ingest.max_object_bytes,
             max_frame_pixels=settings.ingest.max_frame_pixels,
@@ -132,7 +137,15 @@ class Archive:
 
         record = service.describe(parsed)
         key = new_key()
-        self.storage.put(key, parsed.blob)
+        try:
+            # Refused before the disk is full (reserve), or by the device itself (ENOSPC):
+            # either way nothing is indexed and the sender is told to retry (0xA700, 507).
+            self.monitor.check_space(self.storage_name, len(parsed.blob))
+            self.storage.put(key, parsed.blob)
+        except StorageFull as exc:
+            self.monitor.note_refusal(self.storage_name, len(parsed.blob))
+            self._record_refusal(parsed, actor, str(exc))
+            raise
         stored = service.StoredObject(key, self.storage_name, len(parsed.blob), digest)
         try:
             result = self._index(record, stored, actor)
@@ -203,6 +216,43 @@ class Archive:
             study_instance_uid=parsed.study_instance_uid,
             message=_OUTCOMES[service.StoreOutcome.DUPLICATE][1],
         )
+
+    def _record_refusal(self, parsed: ParsedInstance, actor: Actor, reason: str) -> None:
+        try:
+            self._audit(
+                actor,
+                event_type=AuditEventType.INSTANCE_REFUSED,
+                outcome=AuditOutcome.MAJOR_FAILURE,
+                object_id=parsed.sop_instance_uid,
+                study_instance_uid=parsed.study_instance_uid,
+                message=reason,
+            )
+        except StorageUnavailable:
+            # The index may share the full disk; the refusal still reaches the sender.
+            logger.warning("could not audit an ingest refused for lack of space")
+
+    def totals(self) -> ArchiveTotals:
+        """Bytes and objects per storage name, and studies (for the storage monitor)."""
+        with self.db.read_session() as session:
+            rows = session.execute(
+                select(
+                    Instance.storage_name,
+                    func.coalesce(func.sum(Instance.byte_size), 0),
+                    func.count(),
+                ).group_by(Instance.storage_name)
+            ).all()
+            studies = session.scalar(select(func.count()).select_from(Study)) or 0
+        by_storage = {str(name): (int(size), int(count)) for name, size, count in rows}
+        return ArchiveTotals(by_storage, int(studies), self._ingested_since)
+
+    def _ingested_since(self, since: datetime) -> dict[str, int]:
+        with self.db.read_session() as session:
+            rows = session.execute(
+                select(Instance.storage_name, func.coalesce(func.sum(Instance.byte_size), 0))
+                .where(Instance.created_at >= since)
+                .group_by(Instance.storage_name)
+            ).all()
+        return {str(name): int(size) for name, size in rows}
 
     def _record_rejection(self, actor: Actor, reason: str, data: bytes) -> None:
         self._audit(

@@ -29,6 +29,8 @@ class Permission(StrEnum):
     """Create, edit, disable users and departments; reset passwords (system administrator)."""
     CLIENT_MANAGE = "client:manage"
     """Create and revoke integration clients (system administrator)."""
+    STORAGE_MANAGE = "storage:manage"
+    """Acknowledge storage alarms, manage storage (system administrator)."""
     ROLE_MANAGE = "role:manage"
     """Edit roles, assign them to users, unlock accounts (security administrator)."""
     POLICY_MANAGE = "policy:manage"
@@ -57,6 +59,7 @@ _LABELS = {
     Permission.ARCHIVE_STATS: "查看统计 View statistics",
     Permission.USER_MANAGE: "用户管理 Manage users",
     Permission.CLIENT_MANAGE: "接口客户端管理 Manage integration clients",
+    Permission.STORAGE_MANAGE: "存储管理 Manage storage",
     Permission.ROLE_MANAGE: "角色与授权 Manage roles",
     Permission.POLICY_MANAGE: "安全策略 Security policy",
     Permission.AUDIT_READ: "审计查询 Read audit trail",
@@ -66,6 +69,7 @@ _LABELS = {
 _RESERVED = {
     Permission.USER_MANAGE: Duty.SYSTEM,
     Permission.CLIENT_MANAGE: Duty.SYSTEM,
+    Permission.STORAGE_MANAGE: Duty.SYSTEM,
     Permission.ROLE_MANAGE: Duty.SECURITY,
     Permission.POLICY_MANAGE: Duty.SECURITY,
     Permission.AUDIT_READ: Duty.AUDIT,

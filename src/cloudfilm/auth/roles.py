@@ -134,7 +134,12 @@ BUILTIN_ROLES = (
         name_en="System administrator",
         description="用户、部门、接口客户端与系统运行 · users, departments, clients, operations",
         duty=Duty.SYSTEM,
-        permissions=[Permission.USER_MANAGE, Permission.CLIENT_MANAGE, Permission.ARCHIVE_STATS],
+        permissions=[
+            Permission.USER_MANAGE,
+            Permission.CLIENT_MANAGE,
+            Permission.STORAGE_MANAGE,
+            Permission.ARCHIVE_STATS,
+        ],
     ),
     RoleSpec(
         code="secadmin",

@@ -30,7 +30,7 @@ from cloudfilm.auth.permissions import Permission
 from cloudfilm.auth.principal import Principal
 from cloudfilm.dicomweb import qido, rendered, stow, wado
 from cloudfilm.dicomweb.media import media_type_parameters
-from cloudfilm.errors import StorageUnavailable
+from cloudfilm.errors import StorageFull, StorageUnavailable
 from cloudfilm.storage import codecs
 
 DICOM_JSON = "application/dicom+json"
@@ -376,6 +376,7 @@ _STOW_ERRORS: dict[int | str, dict[str, Any]] = {
     **_ERRORS,
     202: {"description": "some instances stored, some failed (see FailedSOPSequence)"},
     409: {"description": "no instance could be stored (see FailedSOPSequence)"},
+    507: {"description": "no instance could be stored: storage is full (0xA700); retry later"},
     415: {"description": "not multipart/related with application/dicom parts"},
 }
 
@@ -399,6 +400,7 @@ async def _store(request: Request, study: str | None) -> Response:
     collector = stow.PartCollector(params["boundary"], archive.limits.max_object_bytes)
     referenced: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
+    out_of_space: list[bool] = []
     root = base_url(request)
     actor = request.state.actor
 
@@ -412,8 +414,10 @@ async def _store(request: Request, study: str | None) -> Response:
             return
         try:
             result = archive.ingest(bytes(part.data), actor=actor, study_instance_uid=study)
-        except StorageUnavailable:
+        except StorageUnavailable as exc:
             failed.append({"00081197": {"vr": "US", "Value": [stow.OUT_OF_RESOURCES]}})
+            if isinstance(exc, StorageFull):
+                out_of_space.append(True)
             return
         item = stow.sop_reference(result)
         reason = stow.failure_reason(result)
@@ -456,7 +460,9 @@ async def _store(request: Request, study: str | None) -> Response:
         body["00081198"] = {"vr": "SQ", "Value": failed}
     if referenced:
         body["00081199"] = {"vr": "SQ", "Value": referenced}
-    status = 200 if not failed else 202 if referenced else 409
+    # Nothing stored because the disk is full: 507 Insufficient Storage (RFC 4918 11.5),
+    # so that senders retry later instead of treating the objects as bad (409).
+    status = 200 if not failed else 202 if referenced else 507 if out_of_space else 409
     return Response(orjson.dumps(body), status_code=status, media_type=DICOM_JSON)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote, urlparse
 
-from cloudfilm.errors import NotFound, StorageUnavailable
+from cloudfilm.errors import NotFound, StorageFull, StorageUnavailable
 from cloudfilm.storage.base import ObjectInfo, check_key
 
 _TMP = "tmp"
@@ -166,5 +166,5 @@ def _fsync_dir(directory: Path) -> None:
 
 def _unavailable(exc: OSError, what: str) -> StorageUnavailable:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StorageUnavailable(f"storage is full; could not {what} (free space or add a tier)")
+        return StorageFull(f"storage is out of space; could not {what} (free space or add a tier)")
     return StorageUnavailable(f"storage {what} failed: {exc.strerror or exc}")
