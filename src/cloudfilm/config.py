@@ -407,6 +407,8 @@ class Settings(BaseSettings):
     """Where the DICOM objects are kept."""
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     """What the ingest pipeline accepts."""
+    compression: CompressionSettings = Field(default_factory=CompressionSettings)
+    """Lossless compression of uncompressed images at ingest."""
     monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
     """Storage capacity monitoring: thresholds, alarms, the refusal reserve."""
     audit: AuditSettings = Field(default_factory=AuditSettings)

@@ -22,6 +22,14 @@ from cloudfilm.config import DuplicatePolicy, Settings
 
 from conftest import DATA
 
+
+@pytest.fixture(autouse=True)
+def _stored_as_sent(settings: Settings) -> None:
+    """These tests check that objects come back byte for byte as sent: compression off
+    (compression at ingest is tested in tests/archive/test_compression.py)."""
+    settings.compression.at_ingest = False
+
+
 ACTOR = Actor.cli("pytest")
 
 

@@ -13,8 +13,17 @@ from sqlalchemy import select
 
 from cloudfilm.archive.models import Instance
 from cloudfilm.archive.parsing import IngestLimits
+from cloudfilm.config import Settings
 
 from conftest import DATA, LiveServer
+
+
+@pytest.fixture(autouse=True)
+def _stored_as_sent(settings: Settings) -> None:
+    """These tests check that objects come back byte for byte as sent: compression off
+    (compression at ingest is tested in tests/archive/test_compression.py)."""
+    settings.compression.at_ingest = False
+
 
 BOUNDARY = "cloudfilm-test-boundary"
 MULTIPART = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'

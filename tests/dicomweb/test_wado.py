@@ -18,8 +18,17 @@ from sqlalchemy import func, select
 from cloudfilm.archive.models import Instance
 from cloudfilm.audit.models import AuditEvent
 from cloudfilm.audit.service import Actor
+from cloudfilm.config import Settings
 
 from conftest import DATA, LiveServer
+
+
+@pytest.fixture(autouse=True)
+def _stored_as_sent(settings: Settings) -> None:
+    """These tests check that objects come back byte for byte as sent: compression off
+    (compression at ingest is tested in tests/archive/test_compression.py)."""
+    settings.compression.at_ingest = False
+
 
 ACTOR = Actor.cli("pytest")
 

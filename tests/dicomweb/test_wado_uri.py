@@ -10,8 +10,16 @@ from PIL import Image
 from pydicom import dcmread
 
 from cloudfilm.audit.service import Actor
+from cloudfilm.config import Settings
 
 from conftest import DATA, LiveServer
+
+
+@pytest.fixture(autouse=True)
+def _stored_as_sent(settings: Settings) -> None:
+    """These tests check that objects come back byte for byte as sent: compression off
+    (compression at ingest is tested in tests/archive/test_compression.py)."""
+    settings.compression.at_ingest = False
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -32,13 +33,21 @@ from sqlalchemy import select
 from cloudfilm.archive.ingest import Archive
 from cloudfilm.audit.models import AuditEvent
 from cloudfilm.audit.service import Actor
-from cloudfilm.config import DimseSettings
+from cloudfilm.config import DimseSettings, Settings
 from cloudfilm.dimse import identifiers
 from cloudfilm.dimse.handlers import Operation
 from cloudfilm.dimse.nodes import NodeTable, Service
 from cloudfilm.dimse.server import DIMSEServer
 
 from conftest import DATA, free_port, require_tool
+
+
+@pytest.fixture(autouse=True)
+def _stored_as_sent(settings: Settings) -> None:
+    """These tests check that objects come back byte for byte as sent: compression off
+    (compression at ingest is tested in tests/archive/test_compression.py)."""
+    settings.compression.at_ingest = False
+
 
 pytestmark = pytest.mark.dcmtk
 
@@ -676,12 +685,17 @@ def test_getscu__study_and_series_level(
 def test_getscu__compressed_object_needs_its_transfer_syntax(
     scp: DIMSEServer, archive: Archive, samples: dict[str, Sample], tmp_path: Path
 ) -> None:
-    """We never decode on the way out: a requester that offers only native encodings
-    cannot receive a JPEG-LS object; one that offers JPEG-LS gets the stored bytes."""
+    """A losslessly compressed object is decoded (exactly) for a requester that offers
+    only native encodings; one that offers JPEG-LS gets the stored bytes."""
     emri = samples["emri_small_jpeg_ls_lossless"]
     study = f"StudyInstanceUID={emri.ds.StudyInstanceUID}"
     output = getscu(scp, tmp_path / "native", "-S", "QueryRetrieveLevel=STUDY", study)
-    assert "Number of Failed Suboperations    : 1" in output
+    assert "Number of Failed Suboperations    : 0" in output
+    native = dcmread(next((tmp_path / "native").iterdir()))
+    assert native.file_meta.TransferSyntaxUID.is_little_endian
+    assert not native.file_meta.TransferSyntaxUID.is_compressed
+    assert native.SOPInstanceUID == emri.ds.SOPInstanceUID
+    assert np.array_equal(native.pixel_array, emri.ds.pixel_array)
     ae = AE(ae_title="PYNETDICOM")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
     ae.add_requested_context(emri.ds.SOPClassUID, emri.ds.file_meta.TransferSyntaxUID)
@@ -710,7 +724,7 @@ def test_getscu__compressed_object_needs_its_transfer_syntax(
     assoc.release()
     assert statuses[-1] == 0x0000
     assert [r.PixelData for r in received] == [emri.ds.PixelData]
-    assert [e.outcome for e in _audit(archive)] == [8, 0]  # 0xA702: nothing delivered
+    assert [e.outcome for e in _audit(archive)] == [0, 0]  # both delivered
 
 
 def test_c_get__refused_without_allow_get(

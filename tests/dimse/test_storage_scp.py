@@ -25,10 +25,17 @@ from sqlalchemy import select
 from cloudfilm.archive.ingest import Archive
 from cloudfilm.archive.models import Instance, Study
 from cloudfilm.audit.models import AuditEvent
-from cloudfilm.config import DimseSettings
+from cloudfilm.config import DimseSettings, Settings
 from cloudfilm.dimse.server import DIMSEServer
 
 from conftest import DATA, free_port, require_tool
+
+
+@pytest.fixture(autouse=True)
+def _stored_as_sent(settings: Settings) -> None:
+    """These tests check that objects come back byte for byte as sent: compression off
+    (compression at ingest is tested in tests/archive/test_compression.py)."""
+    settings.compression.at_ingest = False
 
 
 @pytest.fixture

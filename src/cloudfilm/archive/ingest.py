@@ -5,6 +5,8 @@ leaves no index row without bytes:
 
 1. parse and validate (:mod:`cloudfilm.archive.parsing`); refusals are audited;
 2. an identical object already indexed → done, nothing written;
+2a. uncompressed images are re-encoded losslessly and verified bit-exact
+    (:mod:`cloudfilm.archive.compression`); on any doubt the object is stored as received;
 3. write the blob under a fresh key (temporary file → fsync → rename → fsync directory);
 4. in one transaction: index rows, counters, audit event; commit;
 5. only then answer the sender. A crash between 3 and 4 leaves an orphan blob that
@@ -24,6 +26,7 @@ from sqlalchemy import bindparam, func, select
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from cloudfilm.archive import service
+from cloudfilm.archive.compression import compress_for_storage
 from cloudfilm.archive.models import Instance, Study
 from cloudfilm.archive.parsing import IngestLimits, ParsedInstance, parse_instance
 from cloudfilm.audit import service as audit
@@ -38,7 +41,11 @@ from cloudfilm.storage.monitor import ArchiveTotals, StorageMonitor
 logger = logging.getLogger(__name__)
 
 _RETRIES = 5
-_KNOWN_CHECKSUM = select(Instance.checksum).where(Instance.sop_instance_uid == bindparam("uid"))
+# Compared with the checksum of the object as received, which is the stored one's unless
+# the object was compressed at ingest.
+_KNOWN_CHECKSUM = select(Instance.original_checksum).where(
+    Instance.sop_instance_uid == bindparam("uid")
+)
 
 
 class IngestStatus(StrEnum):
@@ -135,6 +142,11 @@ class Archive:
                 IngestStatus.DUPLICATE, parsed, _OUTCOMES[service.StoreOutcome.DUPLICATE][1]
             )
 
+        # Lossless compression (settings.compression): ``parsed`` becomes the form we store.
+        received, received_digest = parsed, digest
+        parsed = compress_for_storage(received, self.settings.compression)
+        if parsed is not received:
+            digest = service.checksum(parsed.blob, algorithm)
         record = service.describe(parsed)
         key = new_key()
         try:
@@ -146,7 +158,15 @@ class Archive:
             self.monitor.note_refusal(self.storage_name, len(parsed.blob))
             self._record_refusal(parsed, actor, str(exc))
             raise
-        stored = service.StoredObject(key, self.storage_name, len(parsed.blob), digest)
+        stored = service.StoredObject(
+            key,
+            self.storage_name,
+            len(parsed.blob),
+            digest,
+            original_size=len(received.blob),
+            original_checksum=received_digest,
+            original_transfer_syntax_uid=received.transfer_syntax_uid,
+        )
         try:
             result = self._index(record, stored, actor)
         except BaseException:

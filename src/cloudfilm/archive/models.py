@@ -87,6 +87,9 @@ class Study(Base):
     # (0020,1208) Number of Study Related Instances | VR IS, VM 1, computed
     number_of_instances: Mapped[int] = mapped_column(Integer, default=0)
     total_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    """Bytes stored."""
+    original_total_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    """Bytes as received (before lossless compression at ingest)."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 
@@ -124,6 +127,9 @@ class Series(Base):
     # (0020,1209) Number of Series Related Instances | VR IS, VM 1, computed
     number_of_instances: Mapped[int] = mapped_column(Integer, default=0)
     total_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    """Bytes stored."""
+    original_total_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    """Bytes as received (before lossless compression at ingest)."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
@@ -171,6 +177,12 @@ class Instance(Base):
     """Which configured storage holds the object."""
     storage_key: Mapped[str] = mapped_column(String(200), unique=True)
     """Our own key for the object (never derived from a UID)."""
+    # (0002,0010) Transfer Syntax UID | VR UI, VM 1, as received
+    original_transfer_syntax_uid: Mapped[str] = mapped_column(String(64), server_default="")
+    original_bytes: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    """Size of the object as received (our Part-10 form); ``byte_size`` when stored as is."""
+    original_checksum: Mapped[str] = mapped_column(String(80), server_default="")
+    """Checksum of the object as received: recognises a resent object after compression."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 

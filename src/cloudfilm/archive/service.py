@@ -56,6 +56,18 @@ class StoredObject:
     storage_name: str
     size: int
     checksum: str
+    original_size: int | None = None
+    """Size as received, when ingest stored a losslessly compressed form (else ``size``)."""
+    original_checksum: str | None = None
+    original_transfer_syntax_uid: str | None = None
+
+    def original_columns(self, transfer_syntax_uid: str) -> dict[str, Any]:
+        return {
+            "original_bytes": self.size if self.original_size is None else self.original_size,
+            "original_checksum": self.original_checksum or self.checksum,
+            "original_transfer_syntax_uid": self.original_transfer_syntax_uid
+            or transfer_syntax_uid,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +232,8 @@ _SELECT_INSTANCE = (
         _INSTANCE.c.series_pk,
         _INSTANCE.c.byte_size,
         _INSTANCE.c.storage_key,
+        _INSTANCE.c.original_bytes,
+        _INSTANCE.c.original_checksum,
     )
     .where(_INSTANCE.c.sop_instance_uid == bindparam("sop_instance_uid"))
     .with_for_update()
@@ -232,6 +246,7 @@ _COUNT_SERIES = (
     .values(
         number_of_instances=_SERIES.c.number_of_instances + bindparam("delta"),
         total_bytes=_SERIES.c.total_bytes + bindparam("bytes"),
+        original_total_bytes=_SERIES.c.original_total_bytes + bindparam("original"),
         updated_at=bindparam("now"),
     )
     .returning(_SERIES.c.study_pk)
@@ -242,6 +257,7 @@ _COUNT_STUDY = (
     .values(
         number_of_instances=_STUDY.c.number_of_instances + bindparam("delta"),
         total_bytes=_STUDY.c.total_bytes + bindparam("bytes"),
+        original_total_bytes=_STUDY.c.original_total_bytes + bindparam("original"),
         updated_at=bindparam("now"),
     )
 )
@@ -409,7 +425,8 @@ def store_instance(
         "patient_id": patient["patient_id"],
         "study_instance_uid": study["study_instance_uid"],
     }
-    if existing is not None and existing.checksum == stored.checksum:
+    original = stored.original_columns(record.instance["transfer_syntax_uid"])
+    if existing is not None and existing.original_checksum == original["original_checksum"]:
         audit.record(
             event_type=AuditEventType.INSTANCE_DUPLICATE,
             action=AuditAction.CREATE,
@@ -435,6 +452,7 @@ def store_instance(
         "checksum": stored.checksum,
         "storage_name": stored.storage_name,
         "storage_key": stored.key,
+        **original,
         "series_pk": series["id"],
         "updated_at": now,
     }
@@ -442,11 +460,23 @@ def store_instance(
     if existing is not None:
         old_study = conn.execute(
             _COUNT_SERIES,
-            {"pk": existing.series_pk, "delta": -1, "bytes": -existing.byte_size, "now": now},
+            {
+                "pk": existing.series_pk,
+                "delta": -1,
+                "bytes": -existing.byte_size,
+                "original": -existing.original_bytes,
+                "now": now,
+            },
         ).scalar_one()
         conn.execute(
             _COUNT_STUDY,
-            {"pk": old_study, "delta": -1, "bytes": -existing.byte_size, "now": now},
+            {
+                "pk": old_study,
+                "delta": -1,
+                "bytes": -existing.byte_size,
+                "original": -existing.original_bytes,
+                "now": now,
+            },
         )
         conn.execute(update(_INSTANCE).where(_INSTANCE.c.id == existing.id).values(**columns))
         conn.execute(
@@ -465,8 +495,9 @@ def store_instance(
         outcome = StoreOutcome.STORED
 
     new_series = series["number_of_instances"] == 0
-    conn.execute(_COUNT_SERIES, {"pk": series["id"], "delta": 1, "bytes": stored.size, "now": now})
-    conn.execute(_COUNT_STUDY, {"pk": study["id"], "delta": 1, "bytes": stored.size, "now": now})
+    counts = {"delta": 1, "bytes": stored.size, "original": original["original_bytes"], "now": now}
+    conn.execute(_COUNT_SERIES, {"pk": series["id"], **counts})
+    conn.execute(_COUNT_STUDY, {"pk": study["id"], **counts})
     if blanks := _blanks(series, record.series):
         conn.execute(update(_SERIES).where(_SERIES.c.id == series["id"]).values(**blanks))
     study_changes = _blanks(study, record.study)

@@ -34,6 +34,9 @@ from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    RLELossless,
 )
 from pynetdicom import evt
 from pynetdicom.association import Association
@@ -60,6 +63,7 @@ from cloudfilm.dimse.identifiers import (
 )
 from cloudfilm.dimse.nodes import NodeTable, Service
 from cloudfilm.dimse.status import DimseStatus, error_comment, status
+from cloudfilm.storage import codecs
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +77,8 @@ MAX_CONTEXTS = 128
 _NATIVE_LITTLE_ENDIAN = frozenset(
     {ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian}
 )
+#: Stored syntaxes decoded exactly: offered natively too (lossless compression at ingest).
+_LOSSLESS = frozenset({JPEGLSLossless, JPEG2000Lossless, RLELossless})
 _INTERNAL_ERROR = "internal error; see the server log"
 
 
@@ -96,6 +102,8 @@ class Operation:
     instances: int = 0
     responses: int = 0
     counts: dict[str, int] = field(default_factory=dict)
+    accepted: dict[str, set[str]] | None = None
+    """Transfer syntaxes the receiving side accepted, per SOP class (C-MOVE, C-GET)."""
 
 
 class QueryRetrieveSCP:
@@ -260,7 +268,14 @@ class QueryRetrieveSCP:
             return
         instances = self._matched(operation, operation.retrieve)
         contexts = _contexts(instances or [])
-        options = {"contexts": contexts, "evt_handlers": [(evt.EVT_CONN_OPEN, _no_delay)]}
+
+        def accepted(event: evt.Event) -> None:
+            operation.accepted = _accepted(event.assoc)
+
+        options = {
+            "contexts": contexts,
+            "evt_handlers": [(evt.EVT_CONN_OPEN, _no_delay), (evt.EVT_ACCEPTED, accepted)],
+        }
         yield destination.address, destination.port, options
         if instances is None:
             yield 1
@@ -283,6 +298,7 @@ class QueryRetrieveSCP:
             yield 1
             yield status(DimseStatus.CANNOT_UNDERSTAND, _INTERNAL_ERROR), None
             return
+        operation.accepted = _accepted(event.assoc)
         yield len(instances)
         yield from self._send(event, operation, instances)
 
@@ -313,9 +329,16 @@ class QueryRetrieveSCP:
             yield DimseStatus.PENDING, self._load(operation, instance)
 
     def _load(self, operation: Operation, instance: MatchedInstance) -> Dataset:
-        """The stored object's data set, as stored (same transfer syntax, same bytes)."""
+        """The stored object's data set, as stored (same transfer syntax, same bytes), or
+        decoded to Explicit VR Little Endian when it was compressed losslessly at ingest and
+        the receiver accepted only native syntaxes for its SOP class."""
         try:
-            return dcmread(io.BytesIO(self.archive.storage.read(instance.storage_key)))
+            blob = self.archive.storage.read(instance.storage_key)
+            accepted = (operation.accepted or {}).get(instance.sop_class_uid, set())
+            syntax = instance.transfer_syntax_uid
+            if syntax in _LOSSLESS and syntax not in accepted and accepted & _NATIVE_LITTLE_ENDIAN:
+                blob = codecs.transcode(blob, ExplicitVRLittleEndian)
+            return dcmread(io.BytesIO(blob))
         except Exception:
             logger.exception(
                 "%s: cannot read stored object %s", operation.model.service, instance.storage_key
@@ -427,6 +450,15 @@ def _no_delay(event: evt.Event) -> None:
         logger.warning("could not set TCP_NODELAY on the C-MOVE association", exc_info=True)
 
 
+def _accepted(assoc: Association) -> dict[str, set[str]]:
+    """Accepted transfer syntaxes per SOP class of an association."""
+    accepted: dict[str, set[str]] = {}
+    for context in assoc.accepted_contexts:
+        for syntax in context.transfer_syntax:
+            accepted.setdefault(str(context.abstract_syntax), set()).add(str(syntax))
+    return accepted
+
+
 def _single(values: set[str]) -> str | None:
     known = values - {""}
     return next(iter(known)) if len(known) == 1 else None
@@ -454,8 +486,10 @@ def _contexts(instances: list[MatchedInstance]) -> list[PresentationContext]:
     """Presentation contexts for a C-MOVE association: one per SOP class and stored
     transfer syntax, so that the destination can take each object as stored. Native
     little-endian objects also get a context offering Explicit and Implicit VR, which
-    pynetdicom converts between when the destination refused the stored one; compressed
-    objects are offered only as stored — we never decode on the way out. At most 128
+    pynetdicom converts between when the destination refused the stored one; so do
+    losslessly compressed ones, decoded for a destination that takes only native syntaxes
+    (:meth:`_load`). Lossy objects are offered only as stored — never decoded on the way
+    out. At most 128
     (PS3.8 9.3.2.2), fallbacks dropped first; instances without a context fail as
     sub-operations."""
     wanted: dict[tuple[str, str], list[str]] = {}
@@ -463,7 +497,7 @@ def _contexts(instances: list[MatchedInstance]) -> list[PresentationContext]:
     for instance in instances:
         syntax = instance.transfer_syntax_uid
         wanted.setdefault((instance.sop_class_uid, syntax), [syntax])
-        if syntax in _NATIVE_LITTLE_ENDIAN:
+        if syntax in _NATIVE_LITTLE_ENDIAN or syntax in _LOSSLESS:
             fallbacks.setdefault(
                 (instance.sop_class_uid, "native"), [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
             )
