@@ -12,8 +12,10 @@ import httpx
 import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
+from sqlalchemy import select
 
 from cloudfilm.audit.service import Actor
+from cloudfilm.auth.models import User
 
 from auth_helpers import make_user, signed_in
 from conftest import DATA, LiveServer
@@ -231,3 +233,27 @@ def test_no_mass_assignment_and_no_secrets_in_answers(live_server: LiveServer) -
     assert not {
         k for k in found if "hash" in k or "secret" in k or "token" in k and k != "csrf_token"
     }
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_demo_clinician_sees_the_own_department(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo's clinician (神经内科) sees that department's patients; the radiologist all."""
+    from cloudfilm.archive import demo
+    from cloudfilm.auth.bootstrap import demo_users, first_start
+
+    monkeypatch.setattr(demo, "sample_data_dir", lambda: None)  # the bundled files: fast
+    demo.load_demo(live_server.archive)
+    with live_server.archive.db.session() as session:
+        first_start(session, live_server.accounts)
+        assert {c.username for c in demo_users(session, live_server.accounts)} == {
+            "doctor",
+            "clinician",
+        }
+        for user in session.scalars(select(User)):
+            user.must_change_password = False
+    everything = _studies(live_server, signed_in(live_server, "doctor"))
+    neurology = _studies(live_server, signed_in(live_server, "clinician"))
+    assert len(everything) == 2  # the bundled fallback has two demo studies
+    assert neurology == {demo.demo_uid("CF0003", "study")}

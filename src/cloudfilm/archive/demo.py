@@ -64,6 +64,8 @@ class DemoPatient:
     study_description: str
     sources: tuple[str, ...]
     """Paths relative to the sample folder (files or folders)."""
+    department: str = ""
+    """The requesting department (Requesting Service), what clinicians' data scopes match."""
 
 
 DEMO_PATIENTS = (
@@ -76,6 +78,7 @@ DEMO_PATIENTS = (
         "A2026110001",
         "上腹部CT平扫",
         (CT_134,),
+        department="消化内科",
     ),
     DemoPatient(
         "CF0002",
@@ -86,6 +89,7 @@ DEMO_PATIENTS = (
         "A2026110002",
         "头部CT（体模）",
         ("study_multiseries/ct_philips_head_phantom",),
+        department="神经内科",
     ),
     DemoPatient(
         "CF0003",
@@ -96,6 +100,7 @@ DEMO_PATIENTS = (
         "A2026110003",
         "头颅MR功能成像",
         ("mr/ge_epi_fmri_150img",),
+        department="神经内科",
     ),
     DemoPatient(
         "CF0004",
@@ -106,6 +111,7 @@ DEMO_PATIENTS = (
         "A2026110004",
         "胸部正位片",
         ("radiograph/dx_fujifilm_small.dcm",),
+        department="呼吸内科",
     ),
     DemoPatient(
         "CF0005",
@@ -116,6 +122,7 @@ DEMO_PATIENTS = (
         "A2026110005",
         "静息十二导联心电图",
         ("waveform/ecg_12lead.dcm",),
+        department="心内科",
     ),
     DemoPatient(
         "CF0006",
@@ -126,6 +133,7 @@ DEMO_PATIENTS = (
         "A2026110006",
         "腹部超声",
         ("color/us_rgb_nema_us1_uncompressed.dcm", "multiframe/us_palette_rle_10f.dcm"),
+        department="消化内科",
     ),
 )
 
@@ -155,6 +163,8 @@ def relabel(ds: Dataset, patient: DemoPatient, institution: str = "云胶片示�
     ds.StudyDescription = patient.study_description
     ds.InstitutionName = institution
     ds.ReferringPhysicianName = "Sun^Min=孙^敏"
+    if patient.department:
+        ds.RequestingService = patient.department
     ds.StudyInstanceUID = demo_uid(patient.patient_id, "study")
     ds.SeriesInstanceUID = demo_uid(patient.patient_id, ds.SeriesInstanceUID)
     ds.SOPInstanceUID = demo_uid(patient.patient_id, ds.SOPInstanceUID)

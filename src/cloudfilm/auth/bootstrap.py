@@ -52,19 +52,25 @@ def first_start(session: Session, accounts: Accounts) -> list[Credential]:
 
 
 def demo_users(session: Session, accounts: Accounts) -> list[Credential]:
-    """A radiologist and a clinician for the demo (``serve --demo``), once."""
+    """For the demo (``serve --demo``), once: the departments of the demo studies, a
+    radiologist who sees every study and a clinician of 神经内科 who sees that
+    department's two patients."""
+    from cloudfilm.archive.demo import DEMO_PATIENTS
+
     if session.scalar(select(User.id).where(User.username == "doctor")) is not None:
         return []
-    if session.scalar(select(Department.id).where(Department.code == "radiology")) is None:
-        session.add(Department(code="radiology", name="放射科", created_at=accounts.clock.now()))
-        session.flush()
+    existing = set(session.scalars(select(Department.code)))
+    for code in sorted({p.department for p in DEMO_PATIENTS if p.department} | {"放射科"}):
+        if code not in existing:
+            session.add(Department(code=code, name=code, created_at=accounts.clock.now()))
+    session.flush()
     created = []
-    for username, display, role in (
-        ("doctor", "王医生", "radiologist"),
-        ("clinician", "李医生", "clinician"),
+    for username, display, role, department in (
+        ("doctor", "王医生", "radiologist", "放射科"),
+        ("clinician", "李医生", "clinician", "神经内科"),
     ):
         _, password = accounts.create_user(
-            session, username=username, display_name=display, department="radiology", roles=[role]
+            session, username=username, display_name=display, department=department, roles=[role]
         )
         created.append(Credential(username, display, password))
     return created
