@@ -178,6 +178,62 @@ class MonitoringSettings(_Section):
         return self
 
 
+class Codec(StrEnum):
+    """Lossless codecs the archive can store pixel data in (``none``: as received)."""
+
+    NONE = "none"
+    JPEG_LS_LOSSLESS = "jpeg-ls-lossless"
+    JPEG2000_LOSSLESS = "jpeg2000-lossless"
+    RLE_LOSSLESS = "rle-lossless"
+    HTJ2K_LOSSLESS = "htj2k-lossless"
+
+
+class CompressionSettings(_Section):
+    at_ingest: bool = True
+    """Re-encode uncompressed images (Implicit/Explicit VR Little Endian, Deflated) in a
+    lossless codec at ingest. The decoded pixels of the result are compared bit for bit
+    with the received ones before the original is let go (always; not a switch); on any
+    failure or difference the object is stored as received. Clients that do not accept
+    the codec get the original transfer syntax back, transcoded on the fly. Turn it off to
+    store every object byte for byte as sent."""
+
+    codec: Codec = Codec.JPEG_LS_LOSSLESS
+    """Codec for modalities not named in ``by_modality``: ``jpeg-ls-lossless`` (best ratio
+    and speed measured, docs/benchmarks.md), ``jpeg2000-lossless``, ``rle-lossless``,
+    ``htj2k-lossless`` (needs the ``imagecodecs`` package) or ``none``."""
+
+    by_modality: dict[str, Codec] = Field(default_factory=dict)
+    """Codec per Modality (0008,0060), overriding ``codec``, e.g.
+    ``{"US": "none", "XA": "jpeg2000-lossless"}``."""
+
+    min_pixel_bytes: int = Field(default=8192, ge=0)
+    """Pixel Data smaller than this (bytes) is stored as received: not worth the work."""
+
+    @field_validator("by_modality")
+    @classmethod
+    def _upper_modalities(cls, value: dict[str, Codec]) -> dict[str, Codec]:
+        return {k.strip().upper(): v for k, v in value.items()}
+
+    @model_validator(mode="after")
+    def _check_available(self) -> Self:
+        chosen = {self.codec, *self.by_modality.values()}
+        if Codec.HTJ2K_LOSSLESS in chosen:
+            from cloudfilm.storage.codecs import htj2k_available
+
+            if not htj2k_available():
+                raise ValueError(
+                    "compression codec htj2k-lossless needs an HTJ2K encoder: install the "
+                    "imagecodecs package, or choose jpeg-ls-lossless or jpeg2000-lossless"
+                )
+        return self
+
+    def codec_for(self, modality: str) -> Codec:
+        """The codec for objects of ``modality`` (``none`` when compression is off)."""
+        if not self.at_ingest:
+            return Codec.NONE
+        return self.by_modality.get(modality.strip().upper(), self.codec)
+
+
 #: The law's floor for keeping logs of network operations (网络安全法 §21: six months).
 MIN_AUDIT_RETENTION_DAYS = 180
 
