@@ -438,6 +438,138 @@ class HttpSettings(_Section):
     when the program runs from an installed package or the viewer lives elsewhere."""
 
 
+class RetrieveMethod(StrEnum):
+    """How the gateway fetches a study from a PACS source."""
+
+    MOVE = "move"
+    GET = "get"
+    WADO = "wado"
+
+
+class GatewaySource(_Section):
+    """One PACS the gateway pulls exams from."""
+
+    aet: str
+    """The PACS's AE title. Required."""
+
+    host: str
+    """Address of the PACS's DICOM port. Required."""
+
+    port: int = 104
+    """TCP port of the PACS's DICOM Query/Retrieve SCP."""
+
+    retrieve: RetrieveMethod = RetrieveMethod.MOVE
+    """``move``: C-MOVE to the gateway's own Storage SCP (the PACS must list the gateway's
+    AE title, address and ``gateway.scp_port`` as a destination); ``get`` and ``wado`` are
+    not built yet."""
+
+    wado_url: str | None = None
+    """DICOMweb root of the PACS (for ``retrieve = "wado"``)."""
+
+    modalities: list[str] = Field(default_factory=list)
+    """Modalities to poll for (``["CT", "MR"]``); empty polls every modality."""
+
+    poll_interval: float = Field(default=60.0, gt=0)
+    """Seconds between C-FIND polls of this source."""
+
+    window_days: int = Field(default=1, ge=0)
+    """How far back each poll looks, in days before the last poll's date (the overlap that
+    catches exams the PACS learned about late). ``0`` polls today only."""
+
+    since: str | None = None
+    """First StudyDate (YYYYMMDD) of the very first poll, to back-fill history from that day;
+    empty starts today. Later polls start from the last day a poll covered."""
+
+    @field_validator("aet")
+    @classmethod
+    def _check_source_aet(cls, value: str) -> str:
+        return _check_aet(value)
+
+
+class GatewaySettings(_Section):
+    """The front service (前置服务, ``cloudfilm gateway``): pulls exams from PACS sources
+    and delivers them to the archive from a durable queue."""
+
+    database_url: str | None = None
+    """SQLAlchemy URL of the gateway's own state database (queue, states, attempts).
+    Default: SQLite file ``gateway.db`` in ``gateway.data_dir``. Never the archive's."""
+
+    data_dir: Path = Path("./var/gateway")
+    """Folder of the gateway: ``gateway.db`` and the ``spool/`` of received instances."""
+
+    ae_title: str = "CLOUDFILM_GW"
+    """The gateway's AE title: calling AE of its C-FIND/C-MOVE and the C-MOVE destination
+    that each PACS must know."""
+
+    scp_host: str = "127.0.0.1"
+    """Address the gateway's Storage SCP binds to (``0.0.0.0`` when the PACS is on another
+    machine)."""
+
+    scp_port: int = 11113
+    """TCP port of the gateway's Storage SCP (the C-MOVE destination)."""
+
+    sources: dict[str, GatewaySource] = Field(default_factory=dict)
+    """The PACS sources: name → ``aet``, ``host``, ``port``, ``retrieve``, ``modalities``,
+    ``poll_interval``, ``window_days``. TOML: ``[gateway.sources.pacs1]``; environment:
+    JSON, e.g. ``{"pacs1": {"aet": "PACS", "host": "10.1.2.3", "port": 104}}``."""
+
+    archive_url: str = "http://127.0.0.1:8000"
+    """Root URL of the archive (its ``/dicom-web`` and ``/api/oauth/token`` are below it)."""
+
+    client_id: str | None = None
+    """Integration client name (``cloudfilm client create``) the gateway signs in as."""
+
+    client_secret: SecretStr | None = None
+    """Its secret; keep it in the environment (``CLOUDFILM_GATEWAY__CLIENT_SECRET``)."""
+
+    batch_size: int = Field(default=50, ge=1)
+    """Instances sent per STOW-RS request (one study per request)."""
+
+    http_timeout: float = Field(default=120.0, gt=0)
+    """Seconds an HTTP request to the archive may take."""
+
+    network_timeout: float = Field(default=60.0, gt=0)
+    """Seconds of DICOM silence before an association to a PACS is aborted."""
+
+    backoff_initial_seconds: float = Field(default=1.0, gt=0)
+    """Wait after the first failure of a step; doubled after each further failure."""
+
+    backoff_max_seconds: float = Field(default=600.0, gt=0)
+    """Longest wait between two attempts (10 minutes)."""
+
+    dead_letter_attempts: int = Field(default=10, ge=1)
+    """Failed attempts after which a study or instance goes to the dead-letter state; it is
+    then retried only by hand (``cloudfilm gateway retry``)."""
+
+    schedule_hours: str | None = None
+    """Hours in which polled studies are retrieved and delivered, e.g. ``"20-6"`` (8 pm to
+    6 am); empty means always. Manual requests (``gateway fetch``) ignore it."""
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_gateway_aet(cls, value: str) -> str:
+        return _check_aet(value)
+
+    @field_validator("schedule_hours")
+    @classmethod
+    def _check_schedule(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        start, _, end = value.partition("-")
+        if not (start.strip().isdigit() and end.strip().isdigit()) or not (
+            0 <= int(start) <= 23 and 0 <= int(end) <= 24
+        ):
+            raise ValueError(f"schedule_hours {value!r}: write it as START-END hours, e.g. 20-6")
+        return value.strip()
+
+    @property
+    def state_url(self) -> str:
+        """The state database URL with the default filled in."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'gateway.db').resolve()}"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CLOUDFILM_",
@@ -478,6 +610,8 @@ class Settings(BaseSettings):
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     """Password hashing, cookies, client tokens. The password and session *policy* is
     edited at run time by the security administrator (console / ``/api/admin/policy``)."""
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    """The front service inside the hospital network (``cloudfilm gateway``)."""
 
     @classmethod
     def settings_customise_sources(
@@ -507,6 +641,7 @@ class Settings(BaseSettings):
             "secret_key": self.secret_key,
             "database.password": self.database.password,
             "storage.s3_secret_access_key": self.storage.s3_secret_access_key,
+            "gateway.client_secret": self.gateway.client_secret,
         }
         for name, value in checks.items():
             if value is None:

@@ -1,0 +1,161 @@
+"""Delivery to the archive: STOW-RS (PS3.18 10.5) with an OAuth2 client-credentials token.
+
+The token comes from the archive's ``POST /api/oauth/token`` (RFC 6749 4.4) and is fetched
+again once when a request is answered 401 (expired or revoked). One STOW-RS request carries
+up to ``gateway.batch_size`` instances of one study; the answer says per instance what
+happened:
+
+* ReferencedSOPSequence (0008,1199): stored, or an identical copy was already stored
+  (the archive treats a resent identical instance as a success, so resending is harmless);
+* FailedSOPSequence (0008,1198) with FailureReason (0008,1197): refused. ``0xA700`` (out of
+  resources) is retried later; any other reason is the archive's verdict on the object and
+  the instance goes to the dead letter with it.
+
+Failed items that carry no SOP Instance UID (an object the archive could not even parse)
+cannot be matched to an instance: the unmatched instances are sent again one per request,
+so each answer names its own instance.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from cloudfilm.config import GatewaySettings
+
+_REASONS = {
+    0x0110: "processing failure",
+    0x0111: "a different object with this SOP Instance UID is already archived",
+    0xA700: "out of resources (archive storage full)",
+    0xA900: "the object belongs to another study",
+    0xC000: "cannot understand (the archive refused the object as invalid DICOM)",
+}
+_RETRY_LATER = {0xA700}
+
+
+class DeliveryError(Exception):
+    """The whole request failed (unreachable, refused credentials, 5xx): retry later."""
+
+
+@dataclass(slots=True)
+class StowOutcome:
+    delivered: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
+    transient: dict[str, str] = field(default_factory=dict)
+    anonymous_failures: list[str] = field(default_factory=list)
+    """Reasons of failed items without a SOP Instance UID."""
+
+
+def describe_reason(code: int) -> str:
+    return f"archive FailureReason 0x{code:04X}: {_REASONS.get(code, 'refused')}"
+
+
+class ArchiveClient:
+    """STOW-RS to the archive as an integration client."""
+
+    def __init__(self, settings: GatewaySettings, *, transport: Any = None) -> None:
+        self.settings = settings
+        self._token: str | None = None
+        self.http = httpx.Client(
+            base_url=settings.archive_url.rstrip("/"),
+            timeout=settings.http_timeout,
+            transport=transport,
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _fetch_token(self) -> str:
+        if not self.settings.client_id or self.settings.client_secret is None:
+            raise DeliveryError(
+                "no archive credentials: set gateway.client_id and "
+                "CLOUDFILM_GATEWAY__CLIENT_SECRET (cloudfilm client create on the archive)"
+            )
+        try:
+            response = self.http.post(
+                "/api/oauth/token",
+                data={
+                    "grant_type": "client_credentials",
+                    "client_id": self.settings.client_id,
+                    "client_secret": self.settings.client_secret.get_secret_value(),
+                },
+            )
+        except httpx.HTTPError as exc:
+            raise DeliveryError(f"archive unreachable: {type(exc).__name__}: {exc}") from exc
+        if response.status_code != 200:
+            raise DeliveryError(
+                f"the archive refused the gateway's credentials ({response.status_code}); "
+                "check gateway.client_id and its secret"
+            )
+        token = str(response.json()["access_token"])
+        self._token = token
+        return token
+
+    def stow(self, study_instance_uid: str, parts: Sequence[tuple[str, bytes]]) -> StowOutcome:
+        """Send ``parts`` (SOP Instance UID, file bytes) of one study in one request."""
+        boundary = secrets.token_hex(16)
+        body = bytearray()
+        for _, data in parts:
+            body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode("ascii")
+            body += data
+            body += b"\r\n"
+        body += f"--{boundary}--\r\n".encode("ascii")
+        headers = {
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Accept": "application/dicom+json",
+        }
+        response = None
+        for _ in range(2):
+            token = self._token or self._fetch_token()
+            try:
+                response = self.http.post(
+                    f"/dicom-web/studies/{study_instance_uid}",
+                    content=bytes(body),
+                    headers={**headers, "Authorization": f"Bearer {token}"},
+                )
+            except httpx.HTTPError as exc:
+                raise DeliveryError(f"archive unreachable: {type(exc).__name__}: {exc}") from exc
+            if response.status_code != 401:
+                break
+            self._token = None  # expired or revoked: one fresh token, then give up
+        assert response is not None
+        if response.status_code not in (200, 202, 409):
+            raise DeliveryError(f"STOW-RS answered {response.status_code}: {response.text[:300]}")
+        return _outcome(response.json(), [uid for uid, _ in parts])
+
+
+def _outcome(body: dict[str, Any], sent: list[str]) -> StowOutcome:
+    outcome = StowOutcome()
+    for item in (body.get("00081199") or {}).get("Value", []):
+        uid = _uid(item)
+        if uid:
+            outcome.delivered.append(uid)
+    for item in (body.get("00081198") or {}).get("Value", []):
+        code = int(((item.get("00081197") or {}).get("Value") or [0x0110])[0])
+        reason = describe_reason(code)
+        uid = _uid(item)
+        if uid is None:
+            outcome.anonymous_failures.append(reason)
+        elif code in _RETRY_LATER:
+            outcome.transient[uid] = reason
+        else:
+            outcome.refused[uid] = reason
+    known = set(outcome.delivered) | set(outcome.refused) | set(outcome.transient)
+    unknown = [uid for uid in sent if uid not in known]
+    if len(unknown) == 1 and len(outcome.anonymous_failures) == 1:
+        # The only instance not named is the one the anonymous failure is about.
+        reason = outcome.anonymous_failures.pop()
+        if "0xA700" in reason:
+            outcome.transient[unknown[0]] = reason
+        else:
+            outcome.refused[unknown[0]] = reason
+    return outcome
+
+
+def _uid(item: dict[str, Any]) -> str | None:
+    values = (item.get("00081155") or {}).get("Value") or []
+    return str(values[0]) if values else None

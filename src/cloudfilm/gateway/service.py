@@ -1,0 +1,232 @@
+"""The gateway's work: poll the PACS sources, retrieve what is queued, deliver it.
+
+One loop (:meth:`Gateway.run`) does the three steps in turn; the Storage SCP receives on
+pynetdicom's threads meanwhile. Every step starts from the durable queue and records its
+outcome there, so the loop can stop at any instruction and start again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import date, datetime, timedelta
+
+from cloudfilm.clock import Clock
+from cloudfilm.config import GatewaySource, RetrieveMethod, Settings
+from cloudfilm.errors import NotFound
+from cloudfilm.gateway.delivery import ArchiveClient, DeliveryError, StowOutcome
+from cloudfilm.gateway.models import Step
+from cloudfilm.gateway.pacs import PacsClient, PacsError, StorageSCP
+from cloudfilm.gateway.queue import FoundStudy, GatewayQueue, Job, Outgoing
+
+logger = logging.getLogger(__name__)
+
+
+class Gateway:
+    """Queue, PACS clients, Storage SCP and archive client of one gateway process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        archive: ArchiveClient | None = None,
+    ) -> None:
+        self.settings = settings
+        self.gw = settings.gateway
+        self.queue = GatewayQueue(settings, clock=clock)
+        self.archive = archive or ArchiveClient(self.gw)
+        self.scp = StorageSCP(self.gw, self.queue)
+        self._next_poll: dict[str, float] = {}
+
+    def start(self) -> None:
+        """Recover interrupted steps, then listen for C-STORE."""
+        recovered = self.queue.recover()
+        if recovered:
+            logger.info("gateway: %d interrupted step(s) put back in line", recovered)
+        self.scp.start()
+
+    def close(self) -> None:
+        self.scp.stop()
+        self.archive.close()
+        self.queue.close()
+
+    def source(self, name: str) -> GatewaySource:
+        try:
+            return self.gw.sources[name]
+        except KeyError:
+            raise NotFound(
+                f"no PACS source named {name!r}; add it under [gateway.sources.{name}]"
+            ) from None
+
+    # ----------------------------------------------------------------- discovery
+
+    def poll(self, name: str, *, today: date | None = None) -> int:
+        """One C-FIND poll of source ``name`` over its date window; how many studies are new.
+
+        The window runs from ``window_days`` before the high-water mark (the last day a
+        complete poll covered; ``since`` or today on the first poll) to today, so exams the
+        PACS learns about late are still found; studies already queued are skipped.
+        """
+        source = self.source(name)
+        today = today or datetime.now().astimezone().date()
+        state = self.queue.source_state(name)
+        mark = state.polled_through if state and state.polled_through else source.since
+        start = _day(mark) if mark else today
+        start = min(start, today) - timedelta(days=source.window_days)
+        window = f"{start:%Y%m%d}-{today:%Y%m%d}"
+        client = PacsClient(self.gw, source)
+        new = 0
+        try:
+            modalities: list[str | None] = [*source.modalities] or [None]
+            for modality in modalities:
+                for found in client.find_studies(study_date=window, modality=modality):
+                    new += self.queue.discover(name, found)
+        except PacsError as exc:
+            self.queue.polled(name, through=None, error=str(exc))
+            logger.warning("gateway: poll of %s failed: %s", name, exc)
+            return 0
+        self.queue.polled(name, through=f"{today:%Y%m%d}")
+        return new
+
+    def fetch(
+        self,
+        name: str,
+        *,
+        study_instance_uid: str | None = None,
+        accession_number: str | None = None,
+        patient_id: str | None = None,
+        study_date: str | None = None,
+    ) -> list[FoundStudy]:
+        """A manual request (back-fill): find the studies and queue them outside the schedule."""
+        if not (study_instance_uid or accession_number or patient_id or study_date):
+            raise ValueError("name a study UID, an accession number, a patient ID or dates")
+        client = PacsClient(self.gw, self.source(name))
+        found = client.find_studies(
+            study_instance_uid=study_instance_uid,
+            accession_number=accession_number,
+            patient_id=patient_id,
+            study_date=study_date,
+        )
+        for study in found:
+            self.queue.discover(name, study, manual=True)
+        return found
+
+    # ----------------------------------------------------------------- retrieval
+
+    def retrieve_next(self, *, in_schedule: bool = True) -> Job | None:
+        job = self.queue.next_job(Step.RETRIEVE, in_schedule=in_schedule)
+        if job is None:
+            return None
+        try:
+            source = self.source(job.source)
+        except NotFound as exc:
+            self.queue.step_failed(job, str(exc))
+            return job
+        if source.retrieve is not RetrieveMethod.MOVE:
+            self.queue.step_failed(job, f"retrieve method {source.retrieve} is not built yet")
+            return job
+        try:
+            result = PacsClient(self.gw, source).move_study(job.study_instance_uid)
+        except PacsError as exc:
+            self.queue.step_failed(job, str(exc))
+            return job
+        except Exception as exc:  # a broken peer must not stop the loop
+            logger.exception("gateway: C-MOVE of study #%d", job.study_id)
+            self.queue.step_failed(job, f"{type(exc).__name__}: {exc}")
+            return job
+        announced = result.completed + result.failed + result.warning
+        if result.failed:
+            self.queue.step_failed(
+                job, f"the PACS failed {result.failed} of {announced} C-STORE sub-operations"
+            )
+            return job
+        self.queue.retrieved(job, received_by_move=announced or None)
+        return job
+
+    # ----------------------------------------------------------------- delivery
+
+    def deliver_next(self) -> Job | None:
+        job = self.queue.next_job(Step.DELIVER)
+        if job is None:
+            return None
+        try:
+            outgoing = self.queue.outgoing(job)
+            size = self.gw.batch_size
+            for first in range(0, len(outgoing), size):
+                self._send(job, outgoing[first : first + size])
+        except DeliveryError as exc:
+            self.queue.step_failed(job, str(exc))
+            return job
+        except Exception as exc:
+            logger.exception("gateway: delivery of study #%d", job.study_id)
+            self.queue.step_failed(job, f"{type(exc).__name__}: {exc}")
+            return job
+        self.queue.delivery_done(job)
+        return job
+
+    def _send(self, job: Job, batch: list[Outgoing]) -> None:
+        by_uid = {item.sop_instance_uid: item for item in batch}
+        parts = [(item.sop_instance_uid, self.queue.spool.read(item.spool_key)) for item in batch]
+        outcome = self.archive.stow(job.study_instance_uid, parts)
+        self._record(outcome, by_uid)
+        if outcome.anonymous_failures:
+            # Some refusal names no instance: send the unmatched ones alone to learn which.
+            named = set(outcome.delivered) | set(outcome.refused) | set(outcome.transient)
+            for item in batch:
+                if item.sop_instance_uid in named:
+                    continue
+                single = self.archive.stow(
+                    job.study_instance_uid,
+                    [(item.sop_instance_uid, self.queue.spool.read(item.spool_key))],
+                )
+                self._record(single, by_uid)
+
+    def _record(self, outcome: StowOutcome, by_uid: dict[str, Outgoing]) -> None:
+        self.queue.delivery_results(
+            delivered=[by_uid[u].instance_id for u in outcome.delivered if u in by_uid],
+            refused={by_uid[u].instance_id: r for u, r in outcome.refused.items() if u in by_uid},
+            transient={
+                by_uid[u].instance_id: r for u, r in outcome.transient.items() if u in by_uid
+            },
+        )
+
+    # ----------------------------------------------------------------- the loop
+
+    def in_schedule(self, now: datetime | None = None) -> bool:
+        """Whether polled (not manual) studies may be moved now (``gateway.schedule_hours``)."""
+        if self.gw.schedule_hours is None:
+            return True
+        start_text, _, end_text = self.gw.schedule_hours.partition("-")
+        start, end = int(start_text), int(end_text)
+        hour = (now or datetime.now().astimezone()).hour
+        return start <= hour < end if start < end else hour >= start or hour < end
+
+    def run_once(self) -> bool:
+        """Poll the sources that are due, then one retrieval and one delivery; True when
+        anything was done."""
+        busy = False
+        now = time.monotonic()
+        for name, source in self.gw.sources.items():
+            if now >= self._next_poll.get(name, 0.0):
+                self._next_poll[name] = now + source.poll_interval
+                busy |= self.poll(name) > 0
+        busy |= self.retrieve_next(in_schedule=self.in_schedule()) is not None
+        busy |= self.deliver_next() is not None
+        return busy
+
+    def run(self, stop: threading.Event, *, idle_seconds: float = 0.5) -> None:
+        """Work until ``stop`` is set; a step in progress finishes first."""
+        while not stop.is_set():
+            try:
+                busy = self.run_once()
+            except Exception:
+                logger.exception("gateway: loop iteration failed")
+                busy = False
+            if not busy:
+                stop.wait(idle_seconds)
+
+
+def _day(text: str) -> date:
+    return date(int(text[:4]), int(text[4:6]), int(text[6:8]))
