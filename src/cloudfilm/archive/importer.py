@@ -162,7 +162,9 @@ def import_paths(
         for candidate in candidates:
             _drain(candidate, _ingest(archive, actor, candidate), summary, on_result)
         return summary
-    context = multiprocessing.get_context("fork")
+    # Not "fork": a forked child keeps none of the parent's threads, and the S3 client's
+    # runtime (obstore on tokio) started in this process would deadlock in it.
+    context = multiprocessing.get_context("forkserver")
     with ProcessPoolExecutor(
         max_workers=processes,
         mp_context=context,
