@@ -18,6 +18,7 @@ from sqlalchemy import text
 from cloudfilm import __version__, httpaudit
 from cloudfilm.archive import stats
 from cloudfilm.archive.ingest import Archive
+from cloudfilm.archive.router import router as archive_router
 from cloudfilm.audit.router import router as audit_router
 from cloudfilm.auth.accounts import Accounts, WeakPassword
 from cloudfilm.auth.admin import router as admin_router
@@ -83,6 +84,7 @@ def create_app(archive: Archive, *, clock: Clock | None = None) -> FastAPI:
     app.include_router(pages_router)
     app.include_router(ohif_router)
     app.include_router(storage_router)
+    app.include_router(archive_router)
     _install_error_handlers(app)
     httpaudit.install(app, archive, audited)
     _install_headers(app, archive)

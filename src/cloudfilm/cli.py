@@ -472,6 +472,48 @@ def _size(value: float | None) -> str:
     raise AssertionError("unreachable")
 
 
+@storage_app.command("report")
+def storage_report(
+    data_dir: Path | None = DataDir,
+    by: str = typer.Option(
+        "modality", "--by", help="Rows per 'modality' (default) or per 'study' as well."
+    ),
+    study: str | None = typer.Option(None, "--study", help="Only this Study Instance UID."),
+) -> None:
+    """Lossless compression: sizes as received and as stored, and ratios."""
+    from cloudfilm.archive import compression
+
+    if by not in ("modality", "study"):
+        raise typer.BadParameter("--by is 'modality' or 'study'")
+    settings = _settings(data_dir)
+    archive = _open_archive(settings, migrate=False)
+    try:
+        with archive.db.read_session() as session:
+            report = compression.report(
+                session=session, study_instance_uid=study, by_study=by == "study"
+            )
+    finally:
+        archive.close()
+    rows = [("modality", r) for r in report.by_modality]
+    rows += [("study", r) for r in report.by_study]
+    table = Table(
+        "", "key", "instances", "as received", "stored", "ratio", title="压缩 Compression"
+    )
+    for kind, row in [*rows, ("overall", report.overall)]:
+        table.add_row(
+            kind,
+            row.key or "—",
+            str(row.instances),
+            _size(row.original_bytes),
+            _size(row.stored_bytes),
+            f"{row.ratio:.2f}:1",
+        )
+    codec = settings.compression.codec.value if settings.compression.at_ingest else "off"
+    console = Console()
+    console.print(table)
+    console.print(f"at ingest: {codec}")
+
+
 @storage_app.command("status")
 def storage_status(
     data_dir: Path | None = DataDir,

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jpeg_ls
 import numpy as np
 import pytest
@@ -263,3 +267,33 @@ def test_report__ct_134_jpeg_ls_ratio(archive: Archive) -> None:
 def test_settings__htj2k_refused_without_an_encoder() -> None:
     with pytest.raises(ValueError, match="HTJ2K encoder"):
         CompressionSettings(codec=Codec.HTJ2K_LOSSLESS)
+
+
+def test_api__compression_report(live_server: LiveServer) -> None:
+    live_server.archive.settings.compression = CompressionSettings(min_pixel_bytes=0)
+    ct = dcmread(DATA / "ct_small.dcm")
+    assert live_server.archive.ingest((DATA / "ct_small.dcm").read_bytes(), actor=ACTOR).ok
+    url = f"{live_server.url}/api/archive/compression"
+    assert httpx.get(url, timeout=30).status_code == 401
+    body = httpx.get(url, headers=live_server.headers, timeout=30).json()
+    assert body["overall"]["instances"] == 1 and body["overall"]["ratio"] > 1.2
+    assert [m["key"] for m in body["by_modality"]] == ["CT"]
+    assert body["by_study"] == [] and body["settings"]["codec"] == "jpeg-ls-lossless"
+    one = httpx.get(
+        url, params={"study": ct.StudyInstanceUID}, headers=live_server.headers, timeout=30
+    ).json()
+    assert [s["key"] for s in one["by_study"]] == [ct.StudyInstanceUID]
+
+
+def test_cli__storage_report(archive: Archive, settings: Settings) -> None:
+    assert archive.ingest((DATA / "ct_small.dcm").read_bytes(), actor=ACTOR).ok
+    env = {**os.environ, "CLOUDFILM_DATABASE__URL": settings.database_url}
+    result = subprocess.run(
+        [sys.executable, "-m", "cloudfilm", "storage", "report", "--by", "study"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "CLOUDFILM_DATA_DIR": str(settings.data_dir), "COLUMNS": "200"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "CT" in result.stdout and "overall" in result.stdout and ":1" in result.stdout
