@@ -18,17 +18,12 @@ from cloudfilm.archive.ingest import Archive
 from cloudfilm.auth.service import create_client
 from cloudfilm.clock import Clock
 from cloudfilm.config import Settings
+
 from conftest import LiveServer, free_port
 
 ORTHANC = Path("/usr/sbin/Orthanc")
 ORTHANC_AET = "ORTHANC"
 GATEWAY_AET = "CF_GATEWAY"
-
-
-@pytest.fixture
-def backend() -> str:
-    """The archive runs on SQLite here (the gateway's state is always its own SQLite)."""
-    return "sqlite"
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pydicom
@@ -15,16 +16,21 @@ from cloudfilm.archive.models import Instance
 from cloudfilm.config import Settings
 from cloudfilm.gateway.models import InstanceState, StudyState
 from cloudfilm.gateway.service import Gateway
+
 from conftest import CT_134, DATA, LiveServer
-from pacs_fixtures import (  # noqa: F401 - fixtures
-    OrthancPACS,
-    backend,
-    gateway_port,
-    gw_settings,
-    orthanc,
-)
+
+if TYPE_CHECKING:
+    from pacs_fixtures import OrthancPACS
+
+pytest_plugins = ["pacs_fixtures"]
 
 SMALL = ["ct_small.dcm", "mr_small.dcm", "emri_small_jpeg_ls_lossless.dcm"]
+
+
+@pytest.fixture
+def backend() -> str:
+    """The archive on SQLite here (the gateway's own state is SQLite in every test)."""
+    return "sqlite"
 
 
 @pytest.fixture
