@@ -20,6 +20,7 @@ from rich.table import Table
 
 from cloudfilm import __version__
 from cloudfilm.config import Environment, Settings
+from cloudfilm.gateway.cli import gateway_app
 
 app = typer.Typer(
     help="云胶片 Cloud Film: archive, share and view a hospital's imaging exams.",
@@ -39,6 +40,7 @@ audit_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(audit_app, name="audit")
+app.add_typer(gateway_app, name="gateway")
 console = Console(stderr=True)
 
 DataDir = typer.Option(

@@ -1,0 +1,164 @@
+"""``cloudfilm gateway``: run the front service, show its queue, request and retry studies."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+gateway_app = typer.Typer(
+    help="前置服务 Gateway: pull exams from the PACS and deliver them to the archive. "
+    "Without a subcommand: run it (poll, retrieve, deliver) until SIGTERM.",
+    invoke_without_command=True,
+)
+console = Console(stderr=True)
+
+
+def _settings() -> Any:
+    from cloudfilm.config import Settings
+
+    try:
+        return Settings()
+    except ValueError as exc:
+        console.print(f"[red]配置错误 · configuration error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+@gateway_app.callback()
+def serve(ctx: typer.Context) -> None:
+    """Run the gateway: Storage SCP, then poll → retrieve → deliver until SIGTERM/SIGINT."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from cloudfilm.gateway.service import Gateway
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    settings = _settings()
+    gw = Gateway(settings)
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        logging.getLogger(__name__).info("gateway: signal %d, stopping after this step", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    gw.start()
+    console.print(
+        f"cloudfilm gateway: {settings.gateway.ae_title} on "
+        f"{settings.gateway.scp_host}:{settings.gateway.scp_port}, "
+        f"{len(settings.gateway.sources)} source(s), archive {settings.gateway.archive_url}"
+    )
+    try:
+        gw.run(stop)
+    finally:
+        gw.close()
+
+
+@gateway_app.command("status")
+def status(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    limit: int = typer.Option(50, help="Most recent studies shown."),
+) -> None:
+    """Backlog per state and source, each source's last poll and error, recent studies."""
+    from cloudfilm.gateway.queue import GatewayQueue
+
+    queue = GatewayQueue(_settings())
+    try:
+        summary = queue.summary()
+        studies = queue.studies(limit=limit)
+    finally:
+        queue.close()
+    if as_json:
+        typer.echo(json.dumps({**summary, "recent": studies}, ensure_ascii=False, indent=2))
+        return
+    out = Console()
+    out.print(f"待处理 backlog: {summary['backlog']} study(ies); by state: {summary['studies']}")
+    out.print(f"instances by state: {summary['instances']}")
+    sources = Table("source", "studies", "polled through", "last poll", "last error")
+    for row in summary["sources"]:
+        sources.add_row(
+            row["name"],
+            json.dumps(row["studies"]),
+            row["polled_through"] or "—",
+            row["last_poll_at"] or "—",
+            row["last_error"] or "",
+        )
+    out.print(sources)
+    table = Table("study", "state", "step", "attempts", "recv/exp", "delivered", "refused",
+                  "next attempt", "last error")  # fmt: skip
+    for row in studies:
+        table.add_row(
+            row["study_instance_uid"],
+            row["state"],
+            row["step"],
+            str(row["attempts"]),
+            f"{row['received']}/{row['expected'] if row['expected'] is not None else '?'}",
+            str(row["delivered"]),
+            str(row["refused"]),
+            row["next_attempt_at"] or "",
+            row["last_error"] or "",
+        )
+    out.print(table)
+
+
+@gateway_app.command("fetch")
+def fetch(
+    source: str = typer.Option("", help="PACS source name (default: the only one)."),
+    study: str = typer.Option("", "--study", help="Study Instance UID."),
+    accession: str = typer.Option("", "--accession", help="Accession Number."),
+    patient_id: str = typer.Option("", "--patient-id", help="Patient ID."),
+    date_from: str = typer.Option("", "--from", help="First StudyDate, YYYYMMDD."),
+    date_to: str = typer.Option("", "--to", help="Last StudyDate, YYYYMMDD."),
+) -> None:
+    """Queue studies by hand (back-fill): found by C-FIND, moved outside the schedule."""
+    from cloudfilm.gateway.pacs import PacsError
+    from cloudfilm.gateway.service import Gateway
+
+    settings = _settings()
+    names = list(settings.gateway.sources)
+    name = source or (names[0] if len(names) == 1 else "")
+    if not name:
+        console.print("[red]name the source with --source[/red]: " + ", ".join(names))
+        raise typer.Exit(2)
+    dates = f"{date_from}-{date_to}" if (date_from or date_to) else None
+    gw = Gateway(settings)
+    try:
+        found = gw.fetch(
+            name,
+            study_instance_uid=study or None,
+            accession_number=accession or None,
+            patient_id=patient_id or None,
+            study_date=dates,
+        )
+    except (PacsError, ValueError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    finally:
+        gw.close()
+    for item in found:
+        typer.echo(f"{item.study_instance_uid}\t{item.expected_instances or '?'} instance(s)")
+    console.print(f"{len(found)} study(ies) queued from {name}")
+
+
+@gateway_app.command("retry")
+def retry(study: str = typer.Option("", "--study", help="One study; default: all dead.")) -> None:
+    """Put dead-lettered and failed studies and refused instances back in line."""
+    from cloudfilm.errors import NotFound
+    from cloudfilm.gateway.queue import GatewayQueue
+
+    queue = GatewayQueue(_settings())
+    try:
+        count = queue.retry(study or None)
+    except NotFound as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    finally:
+        queue.close()
+    console.print(f"{count} study(ies) put back in line")
