@@ -35,7 +35,7 @@ from cloudfilm.audit.service import Actor
 from cloudfilm.config import Settings
 from cloudfilm.db import Database
 from cloudfilm.errors import InvalidDicom, StorageFull, StorageUnavailable
-from cloudfilm.storage import StorageBackend, new_key, open_backend
+from cloudfilm.storage import StorageBackend, new_key, open_storage
 from cloudfilm.storage.monitor import ArchiveTotals, StorageMonitor
 
 logger = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class Archive:
     ) -> None:
         self.settings = settings
         self.db = db or Database(settings)
-        self.storage = storage or open_backend(settings.storage_url, fsync=settings.storage.fsync)
+        self.storage = storage or open_storage(settings)
         self.storage_name = "primary"
         self.monitor = StorageMonitor(
             self.db, settings.monitoring, {self.storage_name: (self.storage, "online")}, self.totals
