@@ -31,7 +31,14 @@ from cloudfilm.clock import Clock
 from cloudfilm.dicomweb.router import DicomwebError
 from cloudfilm.dicomweb.router import router as dicomweb_router
 from cloudfilm.dicomweb.wado_uri import router as wado_uri_router
-from cloudfilm.errors import Conflict, NotFound, PermissionDenied, StorageFull, StorageUnavailable
+from cloudfilm.errors import (
+    BadRequest,
+    Conflict,
+    NotFound,
+    PermissionDenied,
+    StorageFull,
+    StorageUnavailable,
+)
 from cloudfilm.ohif import router as ohif_router
 from cloudfilm.storage.router import router as storage_router
 
@@ -190,6 +197,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     # StorageFull before its base: 507 Insufficient Storage (RFC 4918 11.5), retry later.
     statuses: dict[type[Exception], int] = {
+        BadRequest: 400,
         NotFound: 404,
         Conflict: 409,
         PermissionDenied: 403,

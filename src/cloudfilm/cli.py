@@ -589,6 +589,69 @@ def storage_status(
     console.print(alarm_table)
 
 
+@storage_app.command("purge")
+def storage_purge(data_dir: Path | None = DataDir) -> None:
+    """Remove the bytes of deletions whose time in the recycle bin is over (schedule daily)."""
+    from cloudfilm.archive.deletion import purge_due
+    from cloudfilm.audit.service import Actor
+    from cloudfilm.clock import Clock
+
+    archive = _open_archive(_settings(data_dir), migrate=False)
+    try:
+        purged = purge_due(
+            archive=archive, now=Clock().now(), actor=Actor.cli("cloudfilm storage purge")
+        )
+    finally:
+        archive.close()
+    Console().print(f"已清除 {purged} 项到期删除 · purged {purged} due deletion(s)")
+
+
+@storage_app.command("retention")
+def storage_retention(
+    apply: bool = typer.Option(
+        False, "--apply", help="Move the due studies to the recycle bin (default: list only)."
+    ),
+    data_dir: Path | None = DataDir,
+) -> None:
+    """Studies past their retention period (``retention.rules``); --apply deletes them
+    with the reason "retention", recoverable for ``retention.recycle_days``."""
+    from cloudfilm.archive.deletion import Target, request_deletion, retention_due
+    from cloudfilm.audit.service import Actor
+    from cloudfilm.clock import Clock
+
+    settings = _settings(data_dir)
+    archive = _open_archive(settings, migrate=False)
+    now = Clock().now()
+    try:
+        with archive.db.read_session() as session:
+            due = retention_due(session, settings.retention.rules, now)
+        table = Table("study", "patient", "date", "modalities", "rule")
+        for item in due:
+            table.add_row(
+                item.study_instance_uid,
+                item.patient_id,
+                item.study_date,
+                item.modalities,
+                item.rule,
+            )
+        Console().print(table)
+        if apply:
+            actor = Actor.cli("cloudfilm storage retention --apply")
+            for item in due:
+                with archive.db.session() as session:
+                    request_deletion(
+                        session=session,
+                        target=Target(item.study_instance_uid),
+                        reason=f"保留期限届满 · retention period over ({item.rule})",
+                        actor=actor,
+                        now=now,
+                        delay=timedelta(days=settings.retention.recycle_days),
+                    )
+            Console().print(f"{len(due)} 项检查已移入回收站 · moved to the recycle bin")
+    finally:
+        archive.close()
+
+
 @client_app.command("create")
 def client_create(
     name: str = typer.Argument(..., help="The client id: who the client is, e.g. ris, ohif."),

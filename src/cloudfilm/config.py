@@ -129,6 +129,26 @@ class IngestSettings(_Section):
     """Largest Rows x Columns accepted for one frame; larger headers are refused as absurd."""
 
 
+class RetentionRule(_Section):
+    """Studies of ``modality`` (any modality: ``*``) whose study date is more than ``years``
+    ago are due for deletion by ``cloudfilm storage retention --apply``."""
+
+    modality: str = "*"
+    years: int = Field(ge=1, le=100)
+
+
+class RetentionSettings(_Section):
+    recycle_days: int = Field(default=30, ge=0, le=3650)
+    """Days a deleted study, series or instance stays in the recycle bin (restorable)
+    before its bytes are removed. 0 removes them at the next purge."""
+
+    rules: list[RetentionRule] = Field(default_factory=list)
+    """Retention periods, e.g. ``[{"modality": "*", "years": 30}, {"modality": "US",
+    "years": 15}]``. Empty: nothing is ever due. A study matches the rule of its first
+    listed modality that has one, else the ``*`` rule. Retention only proposes deletions
+    (``cloudfilm storage retention``); ``--apply`` moves them to the recycle bin."""
+
+
 class MonitoringSettings(_Section):
     interval_seconds: float = Field(default=60.0, gt=0)
     """Seconds between two passes of the storage monitor in ``cloudfilm serve``: each pass
@@ -595,10 +615,12 @@ class Settings(BaseSettings):
     """Where the DICOM objects are kept."""
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     """What the ingest pipeline accepts."""
-    compression: CompressionSettings = Field(default_factory=CompressionSettings)
-    """Lossless compression of uncompressed images at ingest."""
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    """Deletion: the recycle bin and retention periods."""
     monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
     """Storage capacity monitoring: thresholds, alarms, the refusal reserve."""
+    compression: CompressionSettings = Field(default_factory=CompressionSettings)
+    """Lossless compression of uncompressed images at ingest."""
     audit: AuditSettings = Field(default_factory=AuditSettings)
     """The audit trail: hash chain and retention."""
     dimse: DimseSettings = Field(default_factory=DimseSettings)

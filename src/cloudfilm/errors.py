@@ -5,6 +5,10 @@ class CloudFilmError(Exception):
     """Base of every error the application raises on purpose."""
 
 
+class BadRequest(CloudFilmError):
+    """The request itself is malformed (a bad UID, a missing field)."""
+
+
 class NotFound(CloudFilmError):
     """The object asked for does not exist (or the caller may not know that it does)."""
 

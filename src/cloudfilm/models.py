@@ -1,5 +1,6 @@
 """Every table of the application, imported in one place for Alembic and tests."""
 
+from cloudfilm.archive.deletion import DeletedInstance, Deletion
 from cloudfilm.archive.models import Instance, InstanceMetadata, Patient, Series, Study
 from cloudfilm.audit.models import AuditEvent
 from cloudfilm.auth.models import (
@@ -17,6 +18,8 @@ from cloudfilm.db import Base
 from cloudfilm.storage.models import Alarm, StorageSample
 
 __all__ = [
+    "DeletedInstance",
+    "Deletion",
     "AccessToken",
     "Alarm",
     "ApiClient",

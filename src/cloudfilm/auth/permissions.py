@@ -23,6 +23,8 @@ class Permission(StrEnum):
     """Take a copy away: study ZIP with DICOMDIR."""
     STUDY_STORE = "study:store"
     """Send objects in (STOW-RS, C-STORE)."""
+    STUDY_DELETE = "study:delete"
+    """Delete studies, series, instances (to the recycle bin), restore and purge them."""
     ARCHIVE_STATS = "archive:stats"
     """Counts and statistics without patient data."""
     USER_MANAGE = "user:manage"
@@ -56,6 +58,7 @@ _LABELS = {
     Permission.STUDY_READ: "查看影像 View images",
     Permission.STUDY_DOWNLOAD: "下载影像 Download studies",
     Permission.STUDY_STORE: "上传影像 Store images",
+    Permission.STUDY_DELETE: "删除影像 Delete studies",
     Permission.ARCHIVE_STATS: "查看统计 View statistics",
     Permission.USER_MANAGE: "用户管理 Manage users",
     Permission.CLIENT_MANAGE: "接口客户端管理 Manage integration clients",

@@ -187,6 +187,19 @@ BUILTIN_ROLES = (
         data_scope=_ALL,
     ),
     RoleSpec(
+        code="archivist",
+        name="档案管理员",
+        name_en="Archive manager",
+        description="影像删除、恢复与保留期限 · deletions, recycle bin, retention",
+        permissions=[
+            Permission.STUDY_SEARCH,
+            Permission.STUDY_READ,
+            Permission.STUDY_DELETE,
+            Permission.ARCHIVE_STATS,
+        ],
+        data_scope=_ALL,
+    ),
+    RoleSpec(
         code="integration",
         name="集成客户端",
         name_en="Integration client",
