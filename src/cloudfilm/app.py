@@ -218,6 +218,10 @@ def _install_error_handlers(app: FastAPI) -> None:
 def _install_headers(app: FastAPI, archive: Archive) -> None:
     """Security headers on every response (R13); no caching of personal data."""
     origins = archive.settings.http.cors_origins
+    public = archive.settings.http.public_url or ""
+    # Behind the HTTPS proxy the public address says so; browsers then refuse plain HTTP
+    # to this host for a year (HSTS). Never sent when the site is plain HTTP.
+    hsts = public.startswith("https://")
 
     @app.middleware("http")
     async def security_headers(
@@ -228,6 +232,8 @@ def _install_headers(app: FastAPI, archive: Archive) -> None:
         headers.setdefault("X-Content-Type-Options", "nosniff")
         headers.setdefault("Referrer-Policy", "no-referrer")
         headers.setdefault("X-Frame-Options", "DENY")
+        if hsts or request.url.scheme == "https":
+            headers.setdefault("Strict-Transport-Security", "max-age=31536000; includeSubDomains")
         if request.url.path.startswith(("/api/auth", "/api/admin", "/api/oauth", "/api/audit")):
             headers["Cache-Control"] = "no-store"
         html_page = headers.get("content-type", "").startswith("text/html")

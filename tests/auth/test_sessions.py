@@ -200,3 +200,24 @@ def test_session_rows_hold_no_token(live_server: LiveServer) -> None:
         stored = session.scalars(select(UserSession.token_hash)).all()
     assert token not in stored and len(stored[0]) == 64
     assert session_headers(token, "x")["Cookie"].startswith("__Host-cf_session=")
+
+
+def test_security_headers(live_server: LiveServer) -> None:
+    """R13: nosniff, no referrer (share links), no framing, CSP on pages; no HSTS on plain
+    HTTP (it would lock a lab install out)."""
+    page = httpx.get(f"{live_server.url}/login")
+    api = httpx.get(f"{live_server.url}/dicom-web/studies", headers=live_server.headers)
+    for response in (page, api):
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["referrer-policy"] == "no-referrer"
+        assert response.headers["x-frame-options"] == "DENY"
+        assert "strict-transport-security" not in response.headers
+    csp = page.headers["content-security-policy"]
+    assert "object-src 'none'" in csp and "frame-ancestors 'none'" in csp
+
+
+def test_hsts_when_served_over_https(archive: Archive, request: pytest.FixtureRequest) -> None:
+    archive.settings.http.public_url = "https://film.hospital.example"
+    server: LiveServer = request.getfixturevalue("live_server")
+    response = httpx.get(f"{server.url}/healthz")
+    assert response.headers["strict-transport-security"].startswith("max-age=31536000")
