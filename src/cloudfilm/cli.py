@@ -176,6 +176,7 @@ def serve(
     # Every role watches its storage (alarms are raised once, whichever process sees it).
     monitor_loop = MonitorLoop(archive.monitor)
     monitor_loop.start()
+    integrity_loops = _start_integrity_loops(archive)
     url = f"http://{settings.http.host}:{settings.http.port}/"
     _banner(settings, url, role)
     _print_credentials(credentials)
@@ -193,10 +194,31 @@ def serve(
             while not stop.wait(0.5):
                 pass
     finally:
+        for loop in integrity_loops:
+            loop.stop()
         monitor_loop.stop()
         if dimse_server is not None:
             dimse_server.stop()
         archive.close()
+
+
+def _start_integrity_loops(archive: Any) -> list[Any]:
+    """The mirror copier (with a mirror) and the daily scrub, as daemon threads."""
+    from cloudfilm.archive import integrity
+    from cloudfilm.storage.mirror import PeriodicLoop
+
+    loops = []
+    storage = archive.settings.storage
+    sync = integrity.mirror_sync(archive)
+    if sync is not None:
+        copier = PeriodicLoop("mirror-sync", sync.run_once, storage.mirror_sync_interval_seconds)
+        archive.storage.on_enqueue(copier.wake)
+        loops.append(copier)
+    if storage.scrub_share_per_day > 0:
+        loops.append(PeriodicLoop("storage-scrub", lambda: integrity.scrub_if_due(archive), 3600))
+    for loop in loops:
+        loop.start()
+    return loops
 
 
 class _HTTPServer:
@@ -650,6 +672,133 @@ def storage_retention(
             Console().print(f"{len(due)} 项检查已移入回收站 · moved to the recycle bin")
     finally:
         archive.close()
+
+
+def _cli(command: str) -> Any:
+    from cloudfilm.audit.service import Actor
+
+    return Actor.cli(command)
+
+
+@storage_app.command("mirror-sync")
+def storage_mirror_sync(data_dir: Path | None = DataDir) -> None:
+    """Copy what the mirror (or a damaged primary) still lacks, until nothing is due."""
+    from cloudfilm.archive import integrity
+
+    settings = _settings(data_dir)
+    archive = _open_archive(settings, migrate=False)
+    try:
+        sync = integrity.mirror_sync(archive)
+        if sync is None:
+            Console().print("no mirror configured (storage.mirror_url) · 未配置镜像存储")
+            raise typer.Exit(1)
+        result = sync.run_until_empty()
+        counts = sync.journal.counts()
+    finally:
+        archive.close()
+    console = Console()
+    console.print(
+        f"copied {result.copied}, already present {result.already_present}, "
+        f"dropped {result.dropped} (on neither copy), failed {result.failed}"
+    )
+    for error in result.errors[:20]:
+        console.print(f"  [red]{error}[/red]", markup=True, soft_wrap=True)
+    for target, row in counts.items():
+        console.print(f"still owed to {target}: {row['pending']} (failing {row['failing']})")
+    if result.failed:
+        raise typer.Exit(1)
+
+
+@storage_app.command("scrub")
+def storage_scrub(
+    data_dir: Path | None = DataDir,
+    share: float | None = typer.Option(
+        None, "--share", min=0.0, max=1.0, help="Share of the objects (default: the setting)."
+    ),
+    all_objects: bool = typer.Option(False, "--all", help="Verify every object."),
+) -> None:
+    """Re-read objects, check their checksums, repair bad copies from good ones."""
+    from cloudfilm.archive import integrity
+
+    settings = _settings(data_dir)
+    archive = _open_archive(settings, migrate=False)
+    try:
+        chosen = None if all_objects else share or settings.storage.scrub_share_per_day
+        result = integrity.scrub(archive, share=chosen, actor=_cli("cloudfilm storage scrub"))
+    finally:
+        archive.close()
+    console = Console()
+    console.print(
+        f"checked {result.checked}: sound {result.sound}, repaired {result.repaired} "
+        f"cop(ies), damaged {result.damaged} (no good copy), unreachable {result.unreachable}"
+    )
+    for problem in result.problems[:50]:
+        console.print(f"  {problem['key']}: {problem['problem']}", markup=False, soft_wrap=True)
+    if result.damaged:
+        raise typer.Exit(2)
+
+
+@storage_app.command("orphans")
+def storage_orphans(
+    data_dir: Path | None = DataDir,
+    grace_minutes: int = typer.Option(
+        60, "--grace-minutes", help="Objects younger than this are never orphans (in flight)."
+    ),
+    delete: bool = typer.Option(
+        False, "--delete", help="Delete the unreferenced objects found (never index rows)."
+    ),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Report bytes without index rows and index rows without bytes; --delete removes
+    only the unreferenced bytes older than the grace period."""
+    import json
+
+    from cloudfilm.archive import integrity
+
+    settings = _settings(data_dir)
+    archive = _open_archive(settings, migrate=False)
+    try:
+        report = integrity.find_orphans(archive, older_than=timedelta(minutes=grace_minutes))
+        removed = (
+            integrity.remove_orphans(
+                archive, report, actor=_cli("cloudfilm storage orphans --delete")
+            )
+            if delete
+            else 0
+        )
+    finally:
+        archive.close()
+    console = Console()
+    if as_json:
+        console.print_json(json.dumps(report.as_dict() | {"removed": removed}))
+    else:
+        console.print(f"unreferenced objects (older than {grace_minutes} min): "
+                      f"{len(report.unreferenced)}")  # fmt: skip
+        for copy, info in report.unreferenced:
+            console.print(f"  {copy}: {info.key} ({info.size} bytes)", markup=False)
+        console.print(f"index rows without bytes: {len(report.missing)}")
+        for m in report.missing:
+            console.print(f"  {m.study_instance_uid} / {m.sop_instance_uid}: {m.key}", markup=False)
+        if delete:
+            console.print(f"removed {removed} unreferenced object(s)")
+    if report.missing:
+        raise typer.Exit(2)
+
+
+@storage_app.command("integrity")
+def storage_integrity(data_dir: Path | None = DataDir) -> None:
+    """Last scrub pass, damaged objects, copies owed to the mirror (JSON)."""
+    import json
+
+    from cloudfilm.archive import integrity
+
+    settings = _settings(data_dir)
+    archive = _open_archive(settings, migrate=False)
+    try:
+        status = integrity.integrity_status(archive)
+    finally:
+        archive.close()
+    Console().print_json(json.dumps(status))
 
 
 @client_app.command("create")

@@ -46,6 +46,13 @@ class ChecksumAlgorithm(StrEnum):
     SM3 = "sm3"
 
 
+class MirrorMode(StrEnum):
+    SYNC = "sync"
+    """Ingest answers only when both the primary and the mirror hold the bytes."""
+    ASYNC = "async"
+    """Ingest answers when the primary holds the bytes and the copy is queued durably."""
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(use_attribute_docstrings=True, extra="forbid")
 
@@ -114,6 +121,35 @@ class StorageSettings(_Section):
 
     s3_retry_timeout_seconds: float = Field(default=30.0, gt=0)
     """No retry starts later than this many seconds after the first attempt."""
+
+    mirror_url: str | None = None
+    """A second backend that holds a copy of every object (``file:///mnt/nas/cloudfilm`` or
+    ``s3://bucket/prefix?endpoint=...``). Empty (default): one copy only. Reads fall back to
+    the mirror when the primary copy is missing or unreadable; the scrub repairs either copy
+    from the other."""
+
+    mirror_mode: MirrorMode = MirrorMode.SYNC
+    """``sync`` (default): ingest is acknowledged only when both copies are written; a failed
+    mirror write fails the ingest (the sender retries). ``async``: acknowledged when the
+    primary holds the bytes and the mirror copy is queued in the database; the mirror copier
+    (``cloudfilm serve``, ``cloudfilm storage mirror-sync``) catches up, also after a crash."""
+
+    mirror_s3_access_key_id: str | None = None
+    """Access key for an ``s3://`` mirror. Empty: ``s3_access_key_id`` (then
+    ``AWS_ACCESS_KEY_ID``). Timeouts and retries are the primary's ``s3_*`` settings."""
+
+    mirror_s3_secret_access_key: SecretStr | None = None
+    """Secret key for ``mirror_s3_access_key_id`` (environment
+    ``CLOUDFILM_STORAGE__MIRROR_S3_SECRET_ACCESS_KEY``). Empty: ``s3_secret_access_key``."""
+
+    mirror_sync_interval_seconds: float = Field(default=30.0, gt=0)
+    """Seconds between two passes of the mirror copier in ``cloudfilm serve`` (async copies
+    and repairs of copies found missing on a read). A failed copy is retried with back-off."""
+
+    scrub_share_per_day: float = Field(default=1 / 30, ge=0, le=1)
+    """Share of the objects whose bytes the daily scrub re-reads and checks against the
+    recorded checksum (least recently verified first), repairing a bad copy from the good
+    one. Default 1/30: every object about once a month. 0: no background scrub."""
 
 
 class IngestSettings(_Section):

@@ -15,7 +15,7 @@ from cloudfilm.auth.models import (
     UserSession,
 )
 from cloudfilm.db import Base
-from cloudfilm.storage.models import Alarm, StorageSample
+from cloudfilm.storage.models import Alarm, MirrorPending, StorageSample
 
 __all__ = [
     "DeletedInstance",
@@ -28,6 +28,7 @@ __all__ = [
     "Department",
     "Instance",
     "InstanceMetadata",
+    "MirrorPending",
     "PasswordHistory",
     "Patient",
     "Role",

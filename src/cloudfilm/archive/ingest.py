@@ -36,6 +36,7 @@ from cloudfilm.config import Settings
 from cloudfilm.db import Database
 from cloudfilm.errors import InvalidDicom, StorageFull, StorageUnavailable
 from cloudfilm.storage import StorageBackend, new_key, open_storage
+from cloudfilm.storage.mirror import MirroredBackend
 from cloudfilm.storage.monitor import ArchiveTotals, StorageMonitor
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,9 @@ class Archive:
     ) -> None:
         self.settings = settings
         self.db = db or Database(settings)
-        self.storage = storage or open_storage(settings)
+        self.storage = storage or open_storage(settings, db=self.db)
+        if isinstance(self.storage, MirroredBackend):
+            self.storage.attach(self.db)  # the copy journal and alarms live in the index
         self.storage_name = "primary"
         self.monitor = StorageMonitor(
             self.db, settings.monitoring, {self.storage_name: (self.storage, "online")}, self.totals

@@ -183,6 +183,12 @@ class Instance(Base):
     """Size of the object as received (our Part-10 form); ``byte_size`` when stored as is."""
     original_checksum: Mapped[str] = mapped_column(String(80), server_default="")
     """Checksum of the object as received: recognises a resent object after compression."""
+    verified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    """When the scrub last read the stored bytes and found them matching ``checksum``
+    (empty: never); the scrub takes the least recently verified objects first."""
+    integrity_error: Mapped[str | None] = mapped_column(String(256))
+    """Why no good copy of the object could be found at the last check (missing or corrupt
+    everywhere); empty while the object is sound. Set by the scrub and the orphan report."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 

@@ -10,6 +10,7 @@ from cloudfilm.storage.base import ObjectInfo, StorageBackend, check_key, new_ke
 
 if TYPE_CHECKING:
     from cloudfilm.config import Settings
+    from cloudfilm.db import Database
 
 BACKENDS: dict[str, str] = {
     "file": "cloudfilm.storage.filesystem:FilesystemBackend",
@@ -31,16 +32,44 @@ def open_backend(url: str, **options: Any) -> StorageBackend:
     return cast(StorageBackend, backend_cls(url, **options))
 
 
-def open_storage(settings: Settings) -> StorageBackend:
-    """The backend at ``settings.storage_url`` with the options its scheme takes."""
-    url = settings.storage_url
+def open_storage(settings: Settings, *, db: Database | None = None) -> StorageBackend:
+    """The backend at ``settings.storage_url`` with the options its scheme takes; with
+    ``storage.mirror_url`` a :class:`~cloudfilm.storage.mirror.MirroredBackend` over both.
+
+    ``db`` holds the mirror's copy journal and alarms; without it the archive attaches its
+    own (:meth:`MirroredBackend.attach`) before the first write."""
+    storage = settings.storage
+    secret = storage.s3_secret_access_key
+    primary = _open_with_settings(
+        settings.storage_url,
+        settings,
+        storage.s3_access_key_id,
+        secret.get_secret_value() if secret else None,
+    )
+    if not storage.mirror_url:
+        return primary
+    from cloudfilm.storage.mirror import MirroredBackend, MirrorJournal
+
+    mirror_secret = storage.mirror_s3_secret_access_key or secret
+    mirror = _open_with_settings(
+        storage.mirror_url,
+        settings,
+        storage.mirror_s3_access_key_id or storage.s3_access_key_id,
+        mirror_secret.get_secret_value() if mirror_secret else None,
+    )
+    journal = MirrorJournal(db) if db is not None else None
+    return MirroredBackend(primary, mirror, mode=storage.mirror_mode, journal=journal)
+
+
+def _open_with_settings(
+    url: str, settings: Settings, key_id: str | None, secret: str | None
+) -> StorageBackend:
     storage = settings.storage
     if urlparse(url).scheme == "s3":
-        secret = storage.s3_secret_access_key
         return open_backend(
             url,
-            access_key_id=storage.s3_access_key_id,
-            secret_access_key=secret.get_secret_value() if secret else None,
+            access_key_id=key_id,
+            secret_access_key=secret,
             connect_timeout=storage.s3_connect_timeout_seconds,
             read_timeout=storage.s3_read_timeout_seconds,
             request_timeout=storage.s3_request_timeout_seconds,

@@ -68,3 +68,20 @@ class Alarm(Base):
         ),
         Index("ix_alarm_raised_at", "raised_at"),
     )
+
+
+class MirrorPending(Base):
+    """A copy still owed to one side of a mirrored storage: written before the bytes are
+    acknowledged (asynchronous mirror) or when a read found the copy missing, removed once
+    the copier has written and verified it. A crash loses no row, so copying resumes."""
+
+    __tablename__ = "mirror_pending"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    """The storage key of the object."""
+    target: Mapped[str] = mapped_column(String(16), primary_key=True)
+    """The side that lacks the copy: ``mirror`` or ``primary``."""
+    enqueued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(String(512))
