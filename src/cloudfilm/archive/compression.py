@@ -35,8 +35,11 @@ logger = logging.getLogger(__name__)
 def compress_for_storage(parsed: ParsedInstance, settings: CompressionSettings) -> ParsedInstance:
     """``parsed`` as we store it: losslessly re-encoded and verified, or unchanged.
 
-    CPU-bound (≈ 25 ms for a 512 × 512 CT slice with JPEG-LS, encode + verifying decode);
-    the C encoders release the GIL, so concurrent ingests on other threads proceed.
+    CPU-bound: about 32 ms of CPU more per 512 × 512 CT slice with JPEG-LS (encode,
+    verifying decode, the extra parse and write; docs/benchmarks.md). pyjpegls holds the GIL
+    while it encodes (~10 ms a slice), so other threads of the process (HTTP, DIMSE) wait
+    up to that long; moving the work after the acknowledgement into a durable job or a
+    process pool is the next step if ingest rate matters more than disk.
     """
     modality = str(parsed.ds.get("Modality", "") or "")
     codec = settings.codec_for(modality)
