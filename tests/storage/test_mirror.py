@@ -214,3 +214,24 @@ def test_copier__corrupt_source_is_not_spread(archive: Archive, mirrored: Mirror
     assert result.failed == 1 and "does not match its checksum" in result.errors[0]
     assert mirrored.mirror.read(key) == b"garbage"  # kept: never delete a copy
     assert _pending(archive) == [(key, "primary")]
+
+
+def test_integrity_api__pending_copies_and_fallbacks(
+    live_server: LiveServer, settings: Settings, mirrored: MirroredBackend
+) -> None:
+    archive = live_server.archive
+    assert archive.ingest(CT.read_bytes(), actor=ACTOR).ok
+    mirrored.primary.delete(_key(archive))
+    assert mirrored.read(_key(archive))  # served by the mirror
+    response = httpx.get(
+        f"{live_server.url}/api/storage/integrity", headers=live_server.headers, timeout=30
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["mirror"]["mode"] == "sync"
+    assert body["mirror"]["pending"]["primary"]["pending"] == 1
+    assert body["mirror"]["fallback_reads"]["primary"] == 1
+    assert "?" not in body["mirror"]["url"]  # no endpoint options (or secrets) echoed
+    assert body["damaged"] == [] and body["last_scrub"] is None
+    anonymous = httpx.get(f"{live_server.url}/api/storage/integrity", timeout=30)
+    assert anonymous.status_code == 401

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from cloudfilm.archive import compression, deletion
+from cloudfilm.archive import compression, deletion, integrity
 from cloudfilm.archive.ingest import Archive
 from cloudfilm.archive.parsing import is_valid_uid
 from cloudfilm.auth.guard import Permit
@@ -52,6 +52,19 @@ def compression_report(
             },
         }
     )
+
+
+@router.get(
+    "/api/storage/integrity",
+    summary="Storage integrity: the last scrub pass, objects with no good copy, copies "
+    "owed to the mirror, reads served by the mirror",
+    responses=_ERRORS,
+)
+def storage_integrity(request: Request, _caller: Viewer) -> JSONResponse:
+    # Here, not in storage/router.py: the answer joins the index (a domain table), and
+    # the storage platform never imports a domain.
+    archive: Archive = request.app.state.archive
+    return JSONResponse(integrity.integrity_status(archive))
 
 
 # --------------------------------------------------------------------------- deletion
