@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import html
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from string import Template
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from sqlalchemy import text
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cloudfilm import __version__, httpaudit
 from cloudfilm.archive import stats
@@ -93,7 +94,7 @@ def create_app(archive: Archive, *, clock: Clock | None = None) -> FastAPI:
     app.include_router(storage_router)
     app.include_router(archive_router)
     _install_error_handlers(app)
-    httpaudit.install(app, archive, audited)
+    app.add_middleware(httpaudit.AuditMiddleware, archive=archive, audited=audited)
     _install_headers(app, archive)
 
     @app.get("/api/openapi.json", include_in_schema=False, dependencies=[_PUBLIC])
@@ -166,6 +167,45 @@ def create_app(archive: Archive, *, clock: Clock | None = None) -> FastAPI:
     return app
 
 
+class SecurityHeaders:
+    """Pure ASGI middleware adding the security headers to every response start."""
+
+    _NO_STORE = ("/api/auth", "/api/admin", "/api/oauth", "/api/audit")
+    _CSP = "default-src 'self'; object-src 'none'; frame-ancestors 'none'; base-uri 'none'"
+
+    def __init__(self, app: ASGIApp, public_url: str) -> None:
+        self.app = app
+        # Behind the HTTPS proxy the public address says so; browsers then refuse plain
+        # HTTP to this host for a year (HSTS). Never sent when the site is plain HTTP.
+        self.hsts = public_url.startswith("https://")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        https = self.hsts or scope.get("scheme") == "https"
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers.setdefault("X-Content-Type-Options", "nosniff")
+                headers.setdefault("Referrer-Policy", "no-referrer")
+                headers.setdefault("X-Frame-Options", "DENY")
+                if https:
+                    headers.setdefault(
+                        "Strict-Transport-Security", "max-age=31536000; includeSubDomains"
+                    )
+                if path.startswith(self._NO_STORE):
+                    headers["Cache-Control"] = "no-store"
+                html_page = headers.get("content-type", "").startswith("text/html")
+                if html_page and path != "/api/docs":  # Swagger UI loads from its CDN
+                    headers.setdefault("Content-Security-Policy", self._CSP)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DicomwebError)
     def dicomweb_error(_request: Request, exc: DicomwebError) -> JSONResponse:
@@ -218,32 +258,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 def _install_headers(app: FastAPI, archive: Archive) -> None:
     """Security headers on every response (R13); no caching of personal data."""
     origins = archive.settings.http.cors_origins
-    public = archive.settings.http.public_url or ""
-    # Behind the HTTPS proxy the public address says so; browsers then refuse plain HTTP
-    # to this host for a year (HSTS). Never sent when the site is plain HTTP.
-    hsts = public.startswith("https://")
-
-    @app.middleware("http")
-    async def security_headers(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        response = await call_next(request)
-        headers = response.headers
-        headers.setdefault("X-Content-Type-Options", "nosniff")
-        headers.setdefault("Referrer-Policy", "no-referrer")
-        headers.setdefault("X-Frame-Options", "DENY")
-        if hsts or request.url.scheme == "https":
-            headers.setdefault("Strict-Transport-Security", "max-age=31536000; includeSubDomains")
-        if request.url.path.startswith(("/api/auth", "/api/admin", "/api/oauth", "/api/audit")):
-            headers["Cache-Control"] = "no-store"
-        html_page = headers.get("content-type", "").startswith("text/html")
-        if html_page and request.url.path != "/api/docs":  # Swagger UI loads from its CDN
-            headers.setdefault(
-                "Content-Security-Policy",
-                "default-src 'self'; object-src 'none'; frame-ancestors 'none'; base-uri 'none'",
-            )
-        return response
-
+    app.add_middleware(SecurityHeaders, public_url=archive.settings.http.public_url or "")
     if origins:
         app.add_middleware(
             CORSMiddleware,

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Request
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cloudfilm.audit import service as audit
 from cloudfilm.audit.enums import ActorType, AuditAction, AuditEventType, AuditOutcome
@@ -57,24 +59,48 @@ def note(
     )
 
 
-def install(app: FastAPI, archive: Archive, audited: Callable[[str], bool]) -> None:
-    @app.middleware("http")
-    async def audit_requests(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
+class AuditMiddleware:
+    """Pure ASGI (no ``BaseHTTPMiddleware``: it would copy every response body through a
+    stream): gives each request its id, adds ``X-Request-ID`` to the answer, and writes
+    the audit record when the status is known, before the response starts — a caller
+    never holds an answer whose access is not on record (a 204 is complete with its
+    first line)."""
+
+    def __init__(self, app: ASGIApp, archive: Archive, audited: Callable[[str], bool]) -> None:
+        self.app = app
+        self.archive = archive
+        self.audited = audited
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
         given = request.headers.get("x-request-id", "")
-        request.state.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
-        if not audited(request.url.path):
-            response = await call_next(request)
-        else:
-            try:
-                response = await call_next(request)
-            except Exception:
-                await run_in_threadpool(_record, archive, request, 500)
-                raise
-            await run_in_threadpool(_record, archive, request, response.status_code)
-        response.headers["X-Request-ID"] = request.state.request_id
-        return response
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        request.state.request_id = request_id
+        audited = self.audited(request.url.path)
+        status = 500
+        recorded = False
+
+        async def record() -> None:
+            nonlocal recorded
+            if audited and not recorded:
+                recorded = True
+                await run_in_threadpool(_record, self.archive, request, status)
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message)["X-Request-ID"] = request_id
+                await record()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            await record()  # the app failed before it answered: still on record
 
 
 def _default(request: Request) -> Note:
