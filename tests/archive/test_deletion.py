@@ -174,3 +174,21 @@ def _key(server: LiveServer, sop: str) -> str:
         return str(
             session.scalar(select(Instance.storage_key).where(Instance.sop_instance_uid == sop))
         )
+
+
+def test_orphan_sweep_keeps_the_recycle_bin(server: LiveServer) -> None:
+    from datetime import timedelta
+
+    study = generate_uid()
+    _, sop = _put(server, "ct_small.dcm", study)
+    key = _key(server, sop)
+    response = httpx.request(
+        "DELETE",
+        f"{server.url}/api/archive/studies/{study}",
+        json={"reason": "测试 test"},
+        headers=signed_in(server, "keeper"),
+    )
+    assert response.status_code == 200
+    temporary, orphans = server.archive.sweep(orphan_age=timedelta(seconds=-1))
+    assert orphans == 0
+    assert server.archive.storage.read(key)  # still restorable

@@ -317,9 +317,19 @@ def sweep_orphans(archive: Archive, *, older_than: timedelta) -> int:
     batch: list[str] = []
 
     def flush() -> int:
+        from cloudfilm.archive.deletion import DeletedInstance
+
         with archive.db.read_session() as session:
             known = set(
                 session.scalars(select(Instance.storage_key).where(Instance.storage_key.in_(batch)))
+            )
+            # Bytes of deleted instances wait in the recycle bin: referenced, not orphans.
+            known.update(
+                session.scalars(
+                    select(DeletedInstance.storage_key).where(
+                        DeletedInstance.storage_key.in_(batch)
+                    )
+                )
             )
         count = 0
         for key in batch:
