@@ -20,6 +20,7 @@ from cloudfilm import __version__, httpaudit
 from cloudfilm.archive import stats
 from cloudfilm.archive.ingest import Archive
 from cloudfilm.archive.router import router as archive_router
+from cloudfilm.archive.tiers_router import router as tiers_router
 from cloudfilm.audit.router import router as audit_router
 from cloudfilm.auth.accounts import Accounts, WeakPassword
 from cloudfilm.auth.admin import router as admin_router
@@ -37,6 +38,7 @@ from cloudfilm.errors import (
     Conflict,
     NotFound,
     PermissionDenied,
+    RecallNeeded,
     StorageFull,
     StorageUnavailable,
 )
@@ -93,6 +95,7 @@ def create_app(archive: Archive, *, clock: Clock | None = None) -> FastAPI:
     app.include_router(ohif_router)
     app.include_router(storage_router)
     app.include_router(archive_router)
+    app.include_router(tiers_router)
     _install_error_handlers(app)
     app.add_middleware(httpaudit.AuditMiddleware, archive=archive, audited=audited)
     _install_headers(app, archive)
@@ -233,6 +236,21 @@ def _install_error_handlers(app: FastAPI) -> None:
                 "message": "请求无效 · invalid request: " + "; ".join(problems),
             },
             status_code=400,
+        )
+
+    @app.exception_handler(RecallNeeded)
+    def recalling(_request: Request, exc: RecallNeeded) -> JSONResponse:
+        # The read already queued the recall (TieredStorage.on_recall): tell the viewer
+        # what is happening and when to ask again (RFC 9110 10.2.3 Retry-After).
+        return JSONResponse(
+            {
+                "error": "recalling",
+                "message": "影像正在从离线存储调取 · being recalled from offline storage",
+                "study": exc.study_instance_uid,
+                "job": exc.job_id,
+            },
+            status_code=503,
+            headers={"Retry-After": str(exc.retry_after)},
         )
 
     # StorageFull before its base: 507 Insufficient Storage (RFC 4918 11.5), retry later.

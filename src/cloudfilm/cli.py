@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cloudfilm import __version__
+from cloudfilm.archive.tiers_cli import register as register_tier_commands
 from cloudfilm.config import Environment, Settings
 from cloudfilm.gateway.cli import gateway_app
 
@@ -29,6 +30,7 @@ app = typer.Typer(
 )
 storage_app = typer.Typer(help="Storage upkeep.", no_args_is_help=True)
 app.add_typer(storage_app, name="storage")
+register_tier_commands(storage_app)
 client_app = typer.Typer(
     help="Integration clients (bearer tokens for the HTTP interfaces).", no_args_is_help=True
 )
@@ -177,6 +179,12 @@ def serve(
     monitor_loop = MonitorLoop(archive.monitor)
     monitor_loop.start()
     integrity_loops = _start_integrity_loops(archive)
+    tier_runner = None
+    if settings.tiers.backends:  # migration and recall jobs, the planner in its windows
+        from cloudfilm.archive.tiering import TierRunner
+
+        tier_runner = TierRunner(archive.tiering)
+        tier_runner.start()
     url = f"http://{settings.http.host}:{settings.http.port}/"
     _banner(settings, url, role)
     _print_credentials(credentials)
@@ -194,6 +202,8 @@ def serve(
             while not stop.wait(0.5):
                 pass
     finally:
+        if tier_runner is not None:
+            tier_runner.stop()
         for loop in integrity_loops:
             loop.stop()
         monitor_loop.stop()
@@ -206,13 +216,15 @@ def _start_integrity_loops(archive: Any) -> list[Any]:
     """The mirror copier (with a mirror) and the daily scrub, as daemon threads."""
     from cloudfilm.archive import integrity
     from cloudfilm.storage.mirror import PeriodicLoop
+    from cloudfilm.storage.tiers import online_backend
 
     loops = []
     storage = archive.settings.storage
     sync = integrity.mirror_sync(archive)
     if sync is not None:
         copier = PeriodicLoop("mirror-sync", sync.run_once, storage.mirror_sync_interval_seconds)
-        archive.storage.on_enqueue(copier.wake)
+        online: Any = online_backend(archive.storage)
+        online.on_enqueue(copier.wake)
         loops.append(copier)
     if storage.scrub_share_per_day > 0:
         loops.append(PeriodicLoop("storage-scrub", lambda: integrity.scrub_if_due(archive), 3600))

@@ -10,6 +10,7 @@ listed, production refuses placeholder secrets.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from enum import StrEnum
 from functools import lru_cache
@@ -627,6 +628,113 @@ class GatewaySettings(_Section):
         return f"sqlite:///{(self.data_dir / 'gateway.db').resolve()}"
 
 
+_WINDOW = re.compile(r"^([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d$")
+
+
+class TierBackend(_Section):
+    url: str
+    """Backend URL of the tier: ``s3://bucket/prefix?endpoint=...`` (object storage) or
+    ``file:///mnt/tape`` (NAS, archive mount)."""
+
+    online_reads: bool = True
+    """``true``: objects on this tier are served on request (nearline). ``false``: the tier
+    is slow or may be unavailable (offline); a read of one of its objects starts a recall to
+    the online tier and is answered 503 with ``Retry-After`` until the recall is done."""
+
+    s3_access_key_id: str | None = None
+    """Access key for an ``s3://`` tier. Empty: ``storage.s3_access_key_id``. Timeouts and
+    retries are the ``storage.s3_*`` settings."""
+
+    s3_secret_access_key: SecretStr | None = None
+    """Secret key for ``s3_access_key_id`` (environment, not the config file). Empty:
+    ``storage.s3_secret_access_key``."""
+
+
+class TierPolicy(_Section):
+    source: str = "online"
+    """The tier the studies leave: ``online`` (``storage.url``) or a name in
+    ``tiers.backends``."""
+
+    target: str
+    """The tier they go to: a name in ``tiers.backends`` (or ``online``)."""
+
+    older_than_days: int = Field(default=365, ge=0)
+    """Studies whose Study Date (else the day they arrived) is more than this many days ago."""
+
+    modalities: list[str] = Field(default_factory=list)
+    """Only studies with one of these modalities (``["CT", "MR"]``); empty: any."""
+
+    institutions: list[str] = Field(default_factory=list)
+    """Only studies of these Institution Names; empty: any."""
+
+    min_study_bytes: int = Field(default=0, ge=0)
+    """Only studies of at least this many stored bytes."""
+
+    window: str | None = None
+    """Local time window in which the background planner applies the policy, ``01:00-05:00``
+    (may cross midnight); empty: any time. ``cloudfilm storage tier-plan`` ignores it."""
+
+    @field_validator("modalities")
+    @classmethod
+    def _upper(cls, value: list[str]) -> list[str]:
+        return [m.upper() for m in value]
+
+    @field_validator("window")
+    @classmethod
+    def _check_window(cls, value: str | None) -> str | None:
+        if value and not _WINDOW.fullmatch(value):
+            raise ValueError(f"window {value!r} is not HH:MM-HH:MM")
+        return value or None
+
+
+class TiersSettings(_Section):
+    backends: dict[str, TierBackend] = Field(default_factory=dict)
+    """Named tiers below the online one (``storage.url``, mirrored or not, is the tier
+    ``online``), e.g. ``{"nearline": {"url": "s3://..."}, "offline": {"url":
+    "file:///mnt/tape", "online_reads": false}}``. Empty (default): one tier only. An object
+    lives on exactly one tier at a time under the same key; the index says which."""
+
+    policies: list[TierPolicy] = Field(default_factory=list)
+    """Migration rules applied by the planner (``cloudfilm storage tier-plan``, and in
+    ``cloudfilm serve`` once per pass inside each rule's window). Pinned studies are skipped."""
+
+    job_interval_seconds: float = Field(default=30.0, gt=0)
+    """Seconds between two passes of the migration/recall job runner in ``cloudfilm serve``
+    (a recall requested by a reader wakes it at once)."""
+
+    job_lease_seconds: float = Field(default=120.0, gt=0)
+    """A runner holds a job this long, renewed after every object; a job whose runner died
+    (crash, kill -9) is taken over by another runner after the lease ran out."""
+
+    max_attempts: int = Field(default=10, ge=1)
+    """Failed steps are retried with back-off (2 s doubling, up to 10 min) this many times;
+    then the job is ``failed`` until ``cloudfilm storage jobs retry``."""
+
+    recall_retry_after_seconds: int = Field(default=30, ge=1)
+    """``Retry-After`` of the 503 answer to a read of an object being recalled."""
+
+    @field_validator("backends")
+    @classmethod
+    def _check_names(cls, value: dict[str, TierBackend]) -> dict[str, TierBackend]:
+        for name in value:
+            if name in ("online", "primary", "mirror", "*") or not re.fullmatch(
+                r"[a-z][a-z0-9_-]{0,31}", name
+            ):
+                raise ValueError(f"tier name {name!r}: lowercase letters/digits, not online")
+        return value
+
+    @model_validator(mode="after")
+    def _check_policies(self) -> Self:
+        known = {"online", *self.backends}
+        for policy in self.policies:
+            for name in (policy.source, policy.target):
+                if name not in known:
+                    raise ValueError(f"policy names tier {name!r}; known: {', '.join(known)}")
+            if policy.source == policy.target:
+                raise ValueError(f"policy moves {policy.source!r} onto itself")
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CLOUDFILM_",
@@ -671,6 +779,8 @@ class Settings(BaseSettings):
     edited at run time by the security administrator (console / ``/api/admin/policy``)."""
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     """The front service inside the hospital network (``cloudfilm gateway``)."""
+    tiers: TiersSettings = Field(default_factory=TiersSettings)
+    """Storage tiers (online / nearline / offline), migration policies and the job runner."""
 
     @classmethod
     def settings_customise_sources(

@@ -1,7 +1,14 @@
 """Every table of the application, imported in one place for Alembic and tests."""
 
 from cloudfilm.archive.deletion import DeletedInstance, Deletion
-from cloudfilm.archive.models import Instance, InstanceMetadata, Patient, Series, Study
+from cloudfilm.archive.models import (
+    Instance,
+    InstanceMetadata,
+    Patient,
+    Series,
+    StorageJob,
+    Study,
+)
 from cloudfilm.audit.models import AuditEvent
 from cloudfilm.auth.models import (
     AccessToken,
@@ -34,6 +41,7 @@ __all__ = [
     "Role",
     "SecuritySetting",
     "Series",
+    "StorageJob",
     "StorageSample",
     "Study",
     "User",

@@ -29,6 +29,7 @@ from cloudfilm.archive import service
 from cloudfilm.archive.compression import compress_for_storage
 from cloudfilm.archive.models import Instance, Study
 from cloudfilm.archive.parsing import IngestLimits, ParsedInstance, parse_instance
+from cloudfilm.archive.tiering import Tiering
 from cloudfilm.audit import service as audit
 from cloudfilm.audit.enums import AuditAction, AuditEventType, AuditOutcome
 from cloudfilm.audit.service import Actor
@@ -38,6 +39,7 @@ from cloudfilm.errors import InvalidDicom, StorageFull, StorageUnavailable
 from cloudfilm.storage import StorageBackend, new_key, open_storage
 from cloudfilm.storage.mirror import MirroredBackend
 from cloudfilm.storage.monitor import ArchiveTotals, StorageMonitor
+from cloudfilm.storage.tiers import ONLINE, TieredStorage, online_backend
 
 logger = logging.getLogger(__name__)
 
@@ -91,17 +93,23 @@ class Archive:
         self.settings = settings
         self.db = db or Database(settings)
         self.storage = storage or open_storage(settings, db=self.db)
-        if isinstance(self.storage, MirroredBackend):
-            self.storage.attach(self.db)  # the copy journal and alarms live in the index
+        online = online_backend(self.storage)
+        if isinstance(online, MirroredBackend):
+            online.attach(self.db)  # the copy journal and alarms live in the index
         self.storage_name = "primary"
-        self.monitor = StorageMonitor(
-            self.db, settings.monitoring, {self.storage_name: (self.storage, "online")}, self.totals
-        )
+        devices: dict[str, tuple[StorageBackend, str]] = {self.storage_name: (online, "online")}
+        if isinstance(self.storage, TieredStorage):
+            for name, tier in self.storage.tiers.items():
+                if name != ONLINE:
+                    devices[name] = (tier.backend, name)
+        self.monitor = StorageMonitor(self.db, settings.monitoring, devices, self.totals)
         """Free-space guard before every write, usage, alarms (:mod:`cloudfilm.storage.monitor`)."""
         self.limits = IngestLimits(
             max_object_bytes=settings.ingest.max_object_bytes,
             max_frame_pixels=settings.ingest.max_frame_pixels,
         )
+        self.tiering = Tiering(self)
+        """Tier migration and recall jobs, pins (:mod:`cloudfilm.archive.tiering`)."""
 
     def close(self) -> None:
         self.db.dispose()

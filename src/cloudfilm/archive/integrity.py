@@ -42,6 +42,7 @@ from cloudfilm.storage.alarms import (
 from cloudfilm.storage.base import ObjectInfo, StorageBackend
 from cloudfilm.storage.mirror import MirroredBackend, MirrorJournal, MirrorSync, digest_matches
 from cloudfilm.storage.monitor import Severity
+from cloudfilm.storage.tiers import online_backend
 
 if TYPE_CHECKING:
     from cloudfilm.archive.ingest import Archive
@@ -62,7 +63,7 @@ def copies(archive: Archive) -> list[tuple[str, StorageBackend]]:
 
 def mirror_sync(archive: Archive) -> MirrorSync | None:
     """The copier of the archive's mirrored storage (``None`` without a mirror)."""
-    storage = archive.storage
+    storage = online_backend(archive.storage)  # the online tier is the mirrored one
     if not isinstance(storage, MirroredBackend):
         return None
     storage.attach(archive.db)
@@ -518,7 +519,7 @@ def integrity_status(archive: Archive, *, limit: int = 100) -> dict[str, Any]:
             )
             or 0
         )
-    storage = archive.storage
+    storage = online_backend(archive.storage)
     mirror: dict[str, Any] | None = None
     if isinstance(storage, MirroredBackend):
         storage.attach(archive.db)

@@ -13,6 +13,7 @@ from datetime import datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -20,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -90,6 +92,9 @@ class Study(Base):
     """Bytes stored."""
     original_total_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     """Bytes as received (before lossless compression at ingest)."""
+    pinned: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """Kept on the online tier: the tier planner never migrates it (pinning a study that
+    is on a lower tier recalls it)."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 
@@ -209,3 +214,38 @@ class InstanceMetadata(Base):
     dicom_json: Mapped[str] = mapped_column(Text)
 
     instance: Mapped[Instance] = relationship(back_populates="metadata_row")
+
+
+class StorageJob(Base):
+    """A durable move of one study's objects between storage tiers (migration or recall).
+
+    Steps, each committed before the next and each repeatable after a crash: ``copying``
+    (every object to the target tier, verified by reading it back against ``checksum``),
+    ``switching`` (one transaction: the instances' ``storage_name`` and the state),
+    ``cleaning`` (delete the source copies), ``done``. A runner holds the job with a lease
+    (``lease_owner`` until ``lease_until``); a dead runner's job is taken over afterwards.
+    """
+
+    __tablename__ = "storage_job"
+    __table_args__ = (Index("ix_storage_job_state_due", "state", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(_ID, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    """``migrate`` (planner, administrator) or ``recall`` (a read, a pin, an administrator)."""
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    source_tier: Mapped[str] = mapped_column(String(32))
+    """The tier the objects leave (``online``, a configured name, or ``*``: every other)."""
+    target_tier: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16))
+    """``queued``, ``copying``, ``switching``, ``cleaning``, ``done``, ``failed``, ``cancelled``."""
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    objects_total: Mapped[int] = mapped_column(Integer, default=0)
+    objects_done: Mapped[int] = mapped_column(Integer, default=0)
+    """Objects verified on the target so far (progress shown to the viewer)."""
+    last_error: Mapped[str | None] = mapped_column(String(512))
+    requested_by: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

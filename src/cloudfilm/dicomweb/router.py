@@ -312,6 +312,8 @@ def _retrieve(
 ) -> StreamingResponse:
     target = _wanted_syntax(request)
     rows = instances_of(request, study, series, instance)
+    # An offline object cannot be streamed: answer 503 (recalling) before the stream starts.
+    archive_of(request).tiering.ensure_rows_readable([row for row, _, _ in rows])
     storage = archive_of(request).storage
     boundary = secrets.token_hex(16)
 
@@ -633,6 +635,7 @@ def study_thumbnail(study: str, request: Request, _caller: Reader) -> Response:
 )
 def study_archive(study: str, request: Request, _caller: Downloader) -> StreamingResponse:
     rows = instances_of(request, study, None, None)
+    archive_of(request).tiering.ensure_rows_readable([row for row, _, _ in rows])
     objects = [(row.sop_instance_uid, row.storage_key) for row, _, _ in rows]
     return StreamingResponse(
         export.study_zip(archive_of(request).storage, objects),

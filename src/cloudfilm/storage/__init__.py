@@ -37,7 +37,9 @@ def open_storage(settings: Settings, *, db: Database | None = None) -> StorageBa
     ``storage.mirror_url`` a :class:`~cloudfilm.storage.mirror.MirroredBackend` over both.
 
     ``db`` holds the mirror's copy journal and alarms; without it the archive attaches its
-    own (:meth:`MirroredBackend.attach`) before the first write."""
+    own (:meth:`MirroredBackend.attach`) before the first write. With ``tiers.backends``
+    the result is a :class:`~cloudfilm.storage.tiers.TieredStorage` whose online tier is
+    the above."""
     storage = settings.storage
     secret = storage.s3_secret_access_key
     primary = _open_with_settings(
@@ -46,8 +48,10 @@ def open_storage(settings: Settings, *, db: Database | None = None) -> StorageBa
         storage.s3_access_key_id,
         secret.get_secret_value() if secret else None,
     )
+    from cloudfilm.storage.tiers import open_tiers
+
     if not storage.mirror_url:
-        return primary
+        return open_tiers(settings, primary)
     from cloudfilm.storage.mirror import MirroredBackend, MirrorJournal
 
     mirror_secret = storage.mirror_s3_secret_access_key or secret
@@ -58,7 +62,8 @@ def open_storage(settings: Settings, *, db: Database | None = None) -> StorageBa
         mirror_secret.get_secret_value() if mirror_secret else None,
     )
     journal = MirrorJournal(db) if db is not None else None
-    return MirroredBackend(primary, mirror, mode=storage.mirror_mode, journal=journal)
+    online = MirroredBackend(primary, mirror, mode=storage.mirror_mode, journal=journal)
+    return open_tiers(settings, online)
 
 
 def _open_with_settings(
