@@ -504,6 +504,13 @@ class RetrieveMethod(StrEnum):
     WADO = "wado"
 
 
+class DeliveryMethod(StrEnum):
+    """How the gateway hands studies to the archive."""
+
+    STOW = "stow"
+    CSTORE = "cstore"
+
+
 class GatewaySource(_Section):
     """One PACS the gateway pulls exams from."""
 
@@ -518,11 +525,14 @@ class GatewaySource(_Section):
 
     retrieve: RetrieveMethod = RetrieveMethod.MOVE
     """``move``: C-MOVE to the gateway's own Storage SCP (the PACS must list the gateway's
-    AE title, address and ``gateway.scp_port`` as a destination); ``get`` and ``wado`` are
-    not built yet."""
+    AE title, address and ``gateway.scp_port`` as a destination); ``get``: C-GET, the
+    images come back on the gateway's own association (no destination to configure, the
+    PACS must allow C-GET for the gateway's AE); ``wado``: WADO-RS Retrieve Study from
+    ``wado_url``. Discovery is C-FIND in every case."""
 
     wado_url: str | None = None
-    """DICOMweb root of the PACS (for ``retrieve = "wado"``)."""
+    """DICOMweb root of the PACS (for ``retrieve = "wado"``), e.g.
+    ``http://10.1.2.3:8042/dicom-web``."""
 
     modalities: list[str] = Field(default_factory=list)
     """Modalities to poll for (``["CT", "MR"]``); empty polls every modality."""
@@ -580,8 +590,24 @@ class GatewaySettings(_Section):
     client_secret: SecretStr | None = None
     """Its secret; keep it in the environment (``CLOUDFILM_GATEWAY__CLIENT_SECRET``)."""
 
+    delivery: DeliveryMethod = DeliveryMethod.STOW
+    """``stow`` (default): STOW-RS to ``archive_url`` with the client credentials; ``cstore``:
+    DICOM C-STORE to the archive's DIMSE port (``archive_aet``, ``archive_host``,
+    ``archive_port``; the archive's ``dimse.nodes`` must list ``gateway.ae_title`` with
+    ``allow_store``)."""
+
+    archive_aet: str = "CLOUDFILM"
+    """The archive's AE title, for ``delivery = "cstore"``."""
+
+    archive_host: str | None = None
+    """Address of the archive's DIMSE port for ``delivery = "cstore"``; empty: the host of
+    ``archive_url``."""
+
+    archive_port: int = Field(default=11112, gt=0, lt=65536)
+    """The archive's DIMSE port, for ``delivery = "cstore"``."""
+
     batch_size: int = Field(default=50, ge=1)
-    """Instances sent per STOW-RS request (one study per request)."""
+    """Instances sent per STOW-RS request or per C-STORE association (one study each)."""
 
     http_timeout: float = Field(default=120.0, gt=0)
     """Seconds an HTTP request to the archive may take."""
@@ -603,7 +629,18 @@ class GatewaySettings(_Section):
     """Hours in which polled studies are retrieved and delivered, e.g. ``"20-6"`` (8 pm to
     6 am); empty means always. Manual requests (``gateway fetch``) ignore it."""
 
-    @field_validator("ae_title")
+    http_host: str = "127.0.0.1"
+    """Address of the gateway's status API (``GET /status``, ``GET /studies``, ``POST
+    /studies/{uid}/retry``). Loopback by default; any other address needs ``api_token``."""
+
+    http_port: int = Field(default=11180, ge=0, lt=65536)
+    """TCP port of the status API inside ``cloudfilm gateway``; ``0`` turns it off."""
+
+    api_token: SecretStr | None = None
+    """Bearer token the status API requires (``Authorization: Bearer ...``); keep it in
+    ``CLOUDFILM_GATEWAY__API_TOKEN``. Without it the API runs only on a loopback address."""
+
+    @field_validator("ae_title", "archive_aet")
     @classmethod
     def _check_gateway_aet(cls, value: str) -> str:
         return _check_aet(value)
@@ -811,6 +848,7 @@ class Settings(BaseSettings):
             "database.password": self.database.password,
             "storage.s3_secret_access_key": self.storage.s3_secret_access_key,
             "gateway.client_secret": self.gateway.client_secret,
+            "gateway.api_token": self.gateway.api_token,
         }
         for name, value in checks.items():
             if value is None:

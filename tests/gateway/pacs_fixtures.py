@@ -22,6 +22,8 @@ from cloudfilm.config import Settings
 from conftest import LiveServer, free_port
 
 ORTHANC = Path("/usr/sbin/Orthanc")
+#: Debian package orthanc-dicomweb: the PACS's WADO-RS for ``retrieve = "wado"``.
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 ORTHANC_AET = "ORTHANC"
 GATEWAY_AET = "CF_GATEWAY"
 
@@ -43,6 +45,10 @@ class OrthancPACS:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def wado_url(self) -> str:
+        return f"{self.url}/dicom-web"
 
     def upload(self, data: bytes) -> str:
         response = httpx.post(f"{self.url}/instances", content=data, timeout=30.0)
@@ -71,7 +77,8 @@ def orthanc_config(
         "AuthenticationEnabled": False,
         "DicomAet": ORTHANC_AET,
         "DicomCheckCalledAet": False,
-        "Plugins": [],
+        "Plugins": [str(DICOMWEB_PLUGIN)] if DICOMWEB_PLUGIN.exists() else [],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
         "LuaScripts": [],
         "DicomModalities": {"gateway": [GATEWAY_AET, "127.0.0.1", gateway_port]},
         "OrthancPeers": {},
@@ -133,6 +140,7 @@ def gateway_settings(
     gateway_port: int,
     archive_url: str,
     secret: str,
+    source: dict[str, Any] | None = None,
     **gateway: Any,
 ) -> Settings:
     options: dict[str, Any] = {
@@ -147,6 +155,7 @@ def gateway_settings(
                 "since": "19000101",
                 "window_days": 0,
                 "poll_interval": 0.5,
+                **(source or {}),
             }
         },
         "archive_url": archive_url,

@@ -23,7 +23,7 @@ from cloudfilm.config import Settings
 from cloudfilm.gateway.models import InstanceState, StudyState
 from cloudfilm.gateway.queue import GatewayQueue
 
-from conftest import CT_134, DATA, LiveServer
+from conftest import CT_134, DATA, LiveServer, free_port
 
 if TYPE_CHECKING:
     from pacs_fixtures import OrthancPACS
@@ -60,6 +60,8 @@ def environment(settings: Settings, work: Path) -> dict[str, str]:
             "CLOUDFILM_GATEWAY__BACKOFF_INITIAL_SECONDS": "0.2",
             "CLOUDFILM_GATEWAY__BACKOFF_MAX_SECONDS": "1",
             "CLOUDFILM_GATEWAY__BATCH_SIZE": "10",
+            # the status API runs in the process too; a free port, not the default 11180
+            "CLOUDFILM_GATEWAY__HTTP_PORT": str(free_port()),
         }
     )
     return env

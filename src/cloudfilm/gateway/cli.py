@@ -36,6 +36,7 @@ def serve(ctx: typer.Context) -> None:
     """Run the gateway: Storage SCP, then poll → retrieve → deliver until SIGTERM/SIGINT."""
     if ctx.invoked_subcommand is not None:
         return
+    from cloudfilm.gateway.api import APIConfigError, check_exposure
     from cloudfilm.gateway.service import Gateway
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -49,11 +50,28 @@ def serve(ctx: typer.Context) -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    try:
+        check_exposure(settings.gateway)
+    except APIConfigError as exc:
+        gw.close()
+        console.print(f"[red]配置错误 · configuration error:[/red] {exc}")
+        raise typer.Exit(2) from exc
     gw.start()
+    try:
+        gw.start_api()
+    except APIConfigError as exc:
+        gw.close()
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+    api = (
+        f", status API http://{settings.gateway.http_host}:{settings.gateway.http_port}"
+        if settings.gateway.http_port
+        else ""
+    )
     console.print(
         f"cloudfilm gateway: {settings.gateway.ae_title} on "
         f"{settings.gateway.scp_host}:{settings.gateway.scp_port}, "
-        f"{len(settings.gateway.sources)} source(s), archive {settings.gateway.archive_url}"
+        f"{len(settings.gateway.sources)} source(s), archive {settings.gateway.archive_url}{api}"
     )
     try:
         gw.run(stop)

@@ -1,4 +1,5 @@
-"""Delivery to the archive: STOW-RS (PS3.18 10.5) with an OAuth2 client-credentials token.
+"""Delivery to the archive: STOW-RS (PS3.18 10.5) with an OAuth2 client-credentials token,
+or DICOM C-STORE (:class:`CStoreClient`, ``gateway.delivery = "cstore"``).
 
 The token comes from the archive's ``POST /api/oauth/token`` (RFC 6749 4.4) and is fetched
 again once when a request is answered 401 (expired or revoked). One STOW-RS request carries
@@ -18,7 +19,9 @@ so each answer names its own instance.
 
 from __future__ import annotations
 
+import io
 import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +29,7 @@ from typing import Any
 import httpx
 
 from cloudfilm.config import GatewaySettings
+from cloudfilm.gateway.messages import message, since
 
 _REASONS = {
     0x0110: "processing failure",
@@ -95,7 +99,7 @@ class ArchiveClient:
         self._token = token
         return token
 
-    def stow(self, study_instance_uid: str, parts: Sequence[tuple[str, bytes]]) -> StowOutcome:
+    def send(self, study_instance_uid: str, parts: Sequence[tuple[str, bytes]]) -> StowOutcome:
         """Send ``parts`` (SOP Instance UID, file bytes) of one study in one request."""
         boundary = secrets.token_hex(16)
         body = bytearray()
@@ -111,6 +115,15 @@ class ArchiveClient:
         response = None
         for _ in range(2):
             token = self._token or self._fetch_token()
+            start = time.monotonic()
+            message(
+                "STOW-RS-RQ",
+                direction="out",
+                peer=self.settings.archive_url,
+                study_uid=study_instance_uid,
+                instances=len(parts),
+                bytes=len(body),
+            )
             try:
                 response = self.http.post(
                     f"/dicom-web/studies/{study_instance_uid}",
@@ -118,7 +131,25 @@ class ArchiveClient:
                     headers={**headers, "Authorization": f"Bearer {token}"},
                 )
             except httpx.HTTPError as exc:
+                message(
+                    "STOW-RS-RSP",
+                    direction="in",
+                    peer=self.settings.archive_url,
+                    study_uid=study_instance_uid,
+                    status=None,
+                    error=type(exc).__name__,
+                    ms=since(start),
+                )
                 raise DeliveryError(f"archive unreachable: {type(exc).__name__}: {exc}") from exc
+            message(
+                "STOW-RS-RSP",
+                direction="in",
+                peer=self.settings.archive_url,
+                study_uid=study_instance_uid,
+                status=response.status_code,
+                bytes=len(response.content),
+                ms=since(start),
+            )
             if response.status_code != 401:
                 break
             self._token = None  # expired or revoked: one fresh token, then give up
@@ -159,3 +190,87 @@ def _outcome(body: dict[str, Any], sent: list[str]) -> StowOutcome:
 def _uid(item: dict[str, Any]) -> str | None:
     values = (item.get("00081155") or {}).get("Value") or []
     return str(values[0]) if values else None
+
+
+class CStoreClient:
+    """C-STORE to the archive's DIMSE port (PS3.4 B.2): one association per batch.
+
+    Each instance is proposed in its own transfer syntax (one presentation context per SOP
+    class and transfer syntax), so objects reach the archive as the PACS sent them. The
+    per-instance status (PS3.4 B.2.3) decides like the STOW-RS answer does: success or a
+    warning (0xB000, 0xB006, 0xB007) → delivered; 0xA7xx (out of resources) → retried
+    later; any other failure → dead letter with the status and its Error Comment.
+    """
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.host = settings.archive_host or (httpx.URL(settings.archive_url).host or "127.0.0.1")
+
+    def close(self) -> None:
+        """Nothing held between batches."""
+
+    def send(self, study_instance_uid: str, parts: Sequence[tuple[str, bytes]]) -> StowOutcome:
+        from pydicom import dcmread
+        from pynetdicom import AE
+
+        datasets = [(uid, dcmread(io.BytesIO(data))) for uid, data in parts]
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.network_timeout = self.settings.network_timeout
+        ae.acse_timeout = min(30.0, self.settings.network_timeout)
+        ae.dimse_timeout = self.settings.network_timeout
+        pairs = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for _, ds in datasets}
+        if len(pairs) > 128:
+            raise DeliveryError("more than 128 SOP class/transfer syntax pairs in one batch")
+        for sop_class, syntax in sorted(pairs):
+            ae.add_requested_context(sop_class, syntax)
+        where = f"{self.settings.archive_aet} at {self.host}:{self.settings.archive_port}"
+        assoc = ae.associate(
+            self.host, self.settings.archive_port, ae_title=self.settings.archive_aet
+        )
+        if not assoc.is_established:
+            what = "rejected" if assoc.is_rejected else "aborted or unreachable"
+            raise DeliveryError(
+                f"archive unreachable: association with {where} {what}; check "
+                f"gateway.archive_* and that the archive's dimse.nodes lists "
+                f"{self.settings.ae_title}"
+            )
+        outcome = StowOutcome()
+        try:
+            for uid, ds in datasets:
+                if str(ds.get("StudyInstanceUID", "")) != study_instance_uid:
+                    outcome.refused[uid] = describe_reason(0xA900)
+                    continue
+                start = time.monotonic()
+                try:
+                    status = assoc.send_c_store(ds)
+                except ValueError as exc:  # no accepted context for this object
+                    outcome.refused[uid] = f"C-STORE not possible: {exc}"
+                    continue
+                if not status or "Status" not in status:
+                    raise DeliveryError(
+                        f"archive unreachable: the C-STORE association with {where} ended "
+                        "without a response"
+                    )
+                code = int(status.Status)
+                comment = str(status.get("ErrorComment", "") or "")
+                message(
+                    "C-STORE",
+                    direction="out",
+                    peer=self.settings.archive_aet,
+                    study_uid=study_instance_uid,
+                    sop_uid=uid,
+                    bytes=len(dict(parts)[uid]),
+                    status=f"0x{code:04X}",
+                    ms=since(start),
+                )
+                reason = f"C-STORE status 0x{code:04X}" + (f": {comment}" if comment else "")
+                if code == 0x0000 or code in (0xB000, 0xB006, 0xB007):
+                    outcome.delivered.append(uid)
+                elif code & 0xFF00 == 0xA700:
+                    outcome.transient[uid] = reason
+                else:
+                    outcome.refused[uid] = reason
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return outcome

@@ -1,24 +1,29 @@
-"""DICOM with the hospital PACS: C-FIND (discovery), C-MOVE (retrieval) and the gateway's own
-Storage SCP that receives what a C-MOVE sends (pynetdicom).
+"""DICOM with the hospital PACS: C-FIND (discovery), C-MOVE and C-GET (retrieval) and the
+gateway's own Storage SCP that receives what a C-MOVE sends (pynetdicom).
 
-PS3.4 C.4.1 (C-FIND) and C.4.2 (C-MOVE), Study Root Query/Retrieve Information Model.
+PS3.4 C.4.1 (C-FIND), C.4.2 (C-MOVE) and C.4.3 (C-GET), Study Root Query/Retrieve
+Information Model. A C-GET carries the C-STORE sub-operations on the same association, so
+the storage contexts are proposed with the SCP role (PS3.7 D.3.3.4 SCP/SCU role selection).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, StoragePresentationContexts, evt
+from pynetdicom import AE, StoragePresentationContexts, build_role, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
 from cloudfilm.config import GatewaySettings, GatewaySource
+from cloudfilm.gateway.messages import message, since
 from cloudfilm.gateway.queue import FoundStudy, GatewayQueue, Rejected
 
 logger = logging.getLogger(__name__)
@@ -65,13 +70,42 @@ class PacsClient:
         self.settings = settings
         self.source = source
 
-    def _associate(self, context: str) -> Any:
+    def _associate(self, context: str, *, store: Any = None) -> Any:
+        """Associate for ``context``; with a ``store`` handler also propose every storage
+        SOP class with the SCP role, for the C-STORE sub-operations of a C-GET."""
         ae = AE(ae_title=self.settings.ae_title)
         ae.network_timeout = self.settings.network_timeout
         ae.acse_timeout = min(30.0, self.settings.network_timeout)
         ae.dimse_timeout = self.settings.network_timeout
         ae.add_requested_context(context)
-        assoc = ae.associate(self.source.host, self.source.port, ae_title=self.source.aet)
+        roles: list[Any] = []
+        handlers: list[Any] = []
+        if store is not None:
+            # 1 + 120 contexts: within the 128 a requestor may propose (PS3.8 9.3.2.2).
+            for item in StoragePresentationContexts:
+                if item.abstract_syntax is not None:
+                    ae.add_requested_context(item.abstract_syntax, _TRANSFER_SYNTAXES)
+                    roles.append(build_role(item.abstract_syntax, scp_role=True))
+            handlers.append((evt.EVT_C_STORE, store))
+        start = time.monotonic()
+        assoc = ae.associate(
+            self.source.host,
+            self.source.port,
+            ae_title=self.source.aet,
+            ext_neg=roles or None,
+            evt_handlers=handlers or None,
+        )
+        message(
+            "A-ASSOCIATE",
+            direction="out",
+            peer=f"{self.source.aet}@{self.source.host}:{self.source.port}",
+            calling=self.settings.ae_title,
+            context=str(context),
+            result="accepted"
+            if assoc.is_established
+            else ("rejected" if assoc.is_rejected else "aborted"),
+            ms=since(start),
+        )
         if not assoc.is_established:
             what = "rejected" if assoc.is_rejected else "aborted or unreachable"
             raise PacsError(
@@ -101,6 +135,22 @@ class PacsClient:
         query.NumberOfStudyRelatedInstances = ""
         found: list[FoundStudy] = []
         assoc = self._associate(StudyRootQueryRetrieveInformationModelFind)
+        start = time.monotonic()
+        # Keys by name only: a patient ID is demographics and stays out of the message log.
+        message(
+            "C-FIND-RQ",
+            direction="out",
+            peer=self.source.aet,
+            level="STUDY",
+            study_uid=study_instance_uid,
+            study_date=study_date,
+            modality=modality,
+            keys=[
+                k
+                for k, v in (("AccessionNumber", accession_number), ("PatientID", patient_id))
+                if v
+            ],
+        )
         try:
             for status, answer in assoc.send_c_find(
                 query, StudyRootQueryRetrieveInformationModelFind
@@ -109,44 +159,112 @@ class PacsClient:
                 if code in _PENDING and answer is not None:
                     found.append(_found(answer))
                 elif code != _SUCCESS:
+                    message(
+                        "C-FIND-RSP",
+                        direction="in",
+                        peer=self.source.aet,
+                        status=f"0x{code & 0xFFFF:04X}",
+                        matches=len(found),
+                        ms=since(start),
+                    )
                     raise PacsError(f"C-FIND failed with status 0x{code & 0xFFFF:04X}")
         finally:
             assoc.release()
+        message(
+            "C-FIND-RSP",
+            direction="in",
+            peer=self.source.aet,
+            status="0x0000",
+            matches=len(found),
+            ms=since(start),
+        )
         return found
 
     def move_study(self, study_instance_uid: str) -> MoveResult:
         """C-MOVE one study to our own Storage SCP (``gateway.ae_title``)."""
-        query = Dataset()
-        query.QueryRetrieveLevel = "STUDY"
-        query.StudyInstanceUID = study_instance_uid
         assoc = self._associate(StudyRootQueryRetrieveInformationModelMove)
-        final: Any = None
         try:
-            for status, _ in assoc.send_c_move(
-                query, self.settings.ae_title, StudyRootQueryRetrieveInformationModelMove
-            ):
-                if status is not None and "Status" in status:
-                    final = status
+            message(
+                "C-MOVE-RQ",
+                direction="out",
+                peer=self.source.aet,
+                study_uid=study_instance_uid,
+                destination=self.settings.ae_title,
+            )
+            responses = assoc.send_c_move(
+                _study_query(study_instance_uid),
+                self.settings.ae_title,
+                StudyRootQueryRetrieveInformationModelMove,
+            )
+            return _final(responses, "C-MOVE", self.source.aet, study_instance_uid)
         finally:
             if assoc.is_established:
                 assoc.release()
-        if final is None:
-            raise PacsError("the PACS ended the C-MOVE without a final status")
-        code = int(final.Status)
-        result = MoveResult(
-            int(final.get("NumberOfCompletedSuboperations", 0) or 0),
-            int(final.get("NumberOfFailedSuboperations", 0) or 0),
-            int(final.get("NumberOfWarningSuboperations", 0) or 0),
-            code,
-        )
-        if code in _PENDING:
-            raise PacsError("the C-MOVE ended while still pending")
-        if code not in (_SUCCESS, 0xB000):
-            raise PacsError(
-                f"C-MOVE failed with status 0x{code:04X} ({result.failed} failed, "
-                f"{result.completed} completed sub-operations)"
+
+    def get_study(self, study_instance_uid: str, store: Any) -> MoveResult:
+        """C-GET one study; ``store`` handles each C-STORE sub-operation (EVT_C_STORE)."""
+        assoc = self._associate(StudyRootQueryRetrieveInformationModelGet, store=store)
+        try:
+            message("C-GET-RQ", direction="out", peer=self.source.aet, study_uid=study_instance_uid)
+            responses = assoc.send_c_get(
+                _study_query(study_instance_uid), StudyRootQueryRetrieveInformationModelGet
             )
-        return result
+            return _final(responses, "C-GET", self.source.aet, study_instance_uid)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+
+def _study_query(study_instance_uid: str) -> Dataset:
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = study_instance_uid
+    return query
+
+
+def _final(responses: Any, what: str, peer: str, study_uid: str) -> MoveResult:
+    """The sub-operation counts of a C-MOVE or C-GET's final response (PS3.4 C.4.2.1.4)."""
+    final: Any = None
+    start = time.monotonic()
+    for status, _ in responses:
+        if status is not None and "Status" in status:
+            final = status
+    if final is None:
+        message(
+            f"{what}-RSP",
+            direction="in",
+            peer=peer,
+            study_uid=study_uid,
+            status=None,
+            ms=since(start),
+        )
+        raise PacsError(f"the PACS ended the {what} without a final status")
+    code = int(final.Status)
+    result = MoveResult(
+        int(final.get("NumberOfCompletedSuboperations", 0) or 0),
+        int(final.get("NumberOfFailedSuboperations", 0) or 0),
+        int(final.get("NumberOfWarningSuboperations", 0) or 0),
+        code,
+    )
+    message(
+        f"{what}-RSP",
+        direction="in",
+        peer=peer,
+        study_uid=study_uid,
+        status=f"0x{code:04X}",
+        completed=result.completed,
+        failed=result.failed,
+        warning=result.warning,
+        ms=since(start),
+    )
+    if code in _PENDING:
+        raise PacsError(f"the {what} ended while still pending")
+    if code not in (_SUCCESS, 0xB000):
+        raise PacsError(
+            f"{what} failed with status 0x{code:04X} ({result.failed} failed, "
+            f"{result.completed} completed sub-operations)"
+        )
+    return result
 
 
 def _found(answer: Dataset) -> FoundStudy:
@@ -195,20 +313,39 @@ class StorageSCP:
             self.server = None
 
     def _on_store(self, event: Any) -> int:
-        """PS3.4 B.2.3 statuses: 0x0000 stored, 0xA700 could not be kept, 0x0124 unwanted."""
-        try:
-            ds = event.dataset
-            data = event.encoded_dataset()
-            self.queue.accept(
-                data,
-                study_instance_uid=str(ds.StudyInstanceUID),
-                sop_instance_uid=str(ds.SOPInstanceUID),
-                sop_class_uid=str(ds.SOPClassUID),
-            )
-        except Rejected as exc:
-            logger.warning("gateway SCP: refused an instance: %s", exc)
-            return _REFUSED_NOT_AUTHORISED
-        except Exception:
-            logger.exception("gateway SCP: could not keep a received instance")
-            return _OUT_OF_RESOURCES
-        return _SUCCESS
+        return spool_received(self.queue, event)
+
+
+def spool_received(queue: GatewayQueue, event: Any) -> int:
+    """Keep one C-STORE (of a C-MOVE or a C-GET) in the spool before acknowledging it.
+
+    PS3.4 B.2.3 statuses: 0x0000 stored, 0xA700 could not be kept, 0x0124 unwanted.
+    """
+    start = time.monotonic()
+    request = event.request
+    fields: dict[str, Any] = {
+        "direction": "in",
+        "peer": str(event.assoc.requestor.ae_title).strip(),
+        "sop_uid": str(request.AffectedSOPInstanceUID),
+        "sop_class": str(request.AffectedSOPClassUID),
+    }
+    try:
+        ds = event.dataset
+        data = event.encoded_dataset()
+        fields["study_uid"], fields["bytes"] = str(ds.StudyInstanceUID), len(data)
+        queue.accept(
+            data,
+            study_instance_uid=str(ds.StudyInstanceUID),
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            sop_class_uid=str(ds.SOPClassUID),
+        )
+    except Rejected as exc:
+        logger.warning("gateway SCP: refused an instance: %s", exc)
+        message("C-STORE", **fields, status="0x0124", ms=since(start))
+        return _REFUSED_NOT_AUTHORISED
+    except Exception:
+        logger.exception("gateway SCP: could not keep a received instance")
+        message("C-STORE", **fields, status="0xA700", ms=since(start))
+        return _OUT_OF_RESOURCES
+    message("C-STORE", **fields, status="0x0000", ms=since(start))
+    return _SUCCESS

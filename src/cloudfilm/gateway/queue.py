@@ -483,12 +483,14 @@ class GatewayQueue:
                     count += 1
             return count
 
-    def studies(self, *, limit: int = 200) -> list[dict[str, Any]]:
-        """Per-study state, received/delivered/refused counts and last error (newest first)."""
+    def studies(self, *, limit: int = 200, state: str | None = None) -> list[dict[str, Any]]:
+        """Per-study state, received/delivered/refused counts and last error (newest first),
+        optionally only the studies in ``state``."""
         with self.db.read_session() as session:
-            rows = session.scalars(
-                select(GatewayStudy).order_by(GatewayStudy.id.desc()).limit(limit)
-            ).all()
+            query = select(GatewayStudy)
+            if state is not None:
+                query = query.where(GatewayStudy.state == state)
+            rows = session.scalars(query.order_by(GatewayStudy.id.desc()).limit(limit)).all()
             out = []
             for study in rows:
                 counts = self._instance_counts(session, study.id)
@@ -555,6 +557,34 @@ class GatewayQueue:
             "backlog": backlog,
             "sources": sources,
         }
+
+    def throughput(self, *, hours: float = 1.0) -> dict[str, dict[str, float]]:
+        """Per source: studies completed, instances and bytes delivered in the last ``hours``."""
+        since = self.clock.now() - timedelta(hours=hours)
+        out: dict[str, dict[str, float]] = {}
+        with self.db.read_session() as session:
+            for source, count, size in session.execute(
+                select(
+                    GatewayStudy.source,
+                    func.count(),
+                    func.coalesce(func.sum(GatewayInstance.size), 0),
+                )
+                .select_from(GatewayInstance)
+                .join(GatewayStudy, GatewayStudy.id == GatewayInstance.study_id)
+                .where(GatewayInstance.delivered_at >= since)
+                .group_by(GatewayStudy.source)
+            ):
+                out[source] = {"instances": int(count), "bytes": int(size), "studies": 0}
+            for source, count in session.execute(
+                select(GatewayStudy.source, func.count())
+                .where(GatewayStudy.delivered_at >= since)
+                .group_by(GatewayStudy.source)
+            ):
+                row = out.setdefault(source, {"instances": 0, "bytes": 0, "studies": 0})
+                row["studies"] = int(count)
+        for row in out.values():
+            row["mb_per_hour"] = round(row["bytes"] / 1e6 / hours, 3)
+        return out
 
     def attempts(self, study_instance_uid: str) -> list[Attempt]:
         with self.db.read_session() as session:

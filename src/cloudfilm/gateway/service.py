@@ -12,13 +12,18 @@ import threading
 import time
 from datetime import date, datetime, timedelta
 
+from pydicom.dataset import Dataset
+
 from cloudfilm.clock import Clock
-from cloudfilm.config import GatewaySource, RetrieveMethod, Settings
+from cloudfilm.config import DeliveryMethod, GatewaySource, RetrieveMethod, Settings
 from cloudfilm.errors import NotFound
-from cloudfilm.gateway.delivery import ArchiveClient, DeliveryError, StowOutcome
+from cloudfilm.gateway import wado
+from cloudfilm.gateway.api import APIServer
+from cloudfilm.gateway.delivery import ArchiveClient, CStoreClient, DeliveryError, StowOutcome
+from cloudfilm.gateway.messages import close_message_log, open_message_log
 from cloudfilm.gateway.models import Step
-from cloudfilm.gateway.pacs import PacsClient, PacsError, StorageSCP
-from cloudfilm.gateway.queue import FoundStudy, GatewayQueue, Job, Outgoing
+from cloudfilm.gateway.pacs import PacsClient, PacsError, StorageSCP, spool_received
+from cloudfilm.gateway.queue import FoundStudy, GatewayQueue, Job, Outgoing, Rejected
 
 logger = logging.getLogger(__name__)
 
@@ -31,13 +36,19 @@ class Gateway:
         settings: Settings,
         *,
         clock: Clock | None = None,
-        archive: ArchiveClient | None = None,
+        archive: ArchiveClient | CStoreClient | None = None,
     ) -> None:
         self.settings = settings
         self.gw = settings.gateway
         self.queue = GatewayQueue(settings, clock=clock)
-        self.archive = archive or ArchiveClient(self.gw)
+        self.message_log = open_message_log(self.gw.data_dir)
+        self.archive = archive or (
+            CStoreClient(self.gw)
+            if self.gw.delivery is DeliveryMethod.CSTORE
+            else ArchiveClient(self.gw)
+        )
         self.scp = StorageSCP(self.gw, self.queue)
+        self.api: APIServer | None = None
         self._next_poll: dict[str, float] = {}
 
     def start(self) -> None:
@@ -47,10 +58,26 @@ class Gateway:
             logger.info("gateway: %d interrupted step(s) put back in line", recovered)
         self.scp.start()
 
+    def start_api(self) -> None:
+        """Serve the status API (``gateway.http_port``; 0: off) on a thread of this process.
+
+        Raises
+        ------
+        APIConfigError
+            Not on loopback without ``gateway.api_token``, or the port is taken.
+        """
+        if self.gw.http_port == 0:
+            return
+        self.api = APIServer(self.queue, self.gw)
+        self.api.start()
+
     def close(self) -> None:
+        if self.api is not None:
+            self.api.stop()
         self.scp.stop()
         self.archive.close()
         self.queue.close()
+        close_message_log(self.gw.data_dir)
 
     def source(self, name: str) -> GatewaySource:
         try:
@@ -124,16 +151,25 @@ class Gateway:
         except NotFound as exc:
             self.queue.step_failed(job, str(exc))
             return job
-        if source.retrieve is not RetrieveMethod.MOVE:
-            self.queue.step_failed(job, f"retrieve method {source.retrieve} is not built yet")
-            return job
         try:
-            result = PacsClient(self.gw, source).move_study(job.study_instance_uid)
+            if source.retrieve is RetrieveMethod.WADO:
+                received = wado.retrieve_study(
+                    self.gw, source, job.study_instance_uid, self._keep_wado
+                )
+                self.queue.retrieved(job, received_by_move=received or None)
+                return job
+            client = PacsClient(self.gw, source)
+            if source.retrieve is RetrieveMethod.GET:
+                result = client.get_study(
+                    job.study_instance_uid, lambda event: spool_received(self.queue, event)
+                )
+            else:
+                result = client.move_study(job.study_instance_uid)
         except PacsError as exc:
             self.queue.step_failed(job, str(exc))
             return job
         except Exception as exc:  # a broken peer must not stop the loop
-            logger.exception("gateway: C-MOVE of study #%d", job.study_id)
+            logger.exception("gateway: %s of study #%d", source.retrieve, job.study_id)
             self.queue.step_failed(job, f"{type(exc).__name__}: {exc}")
             return job
         announced = result.completed + result.failed + result.warning
@@ -144,6 +180,17 @@ class Gateway:
             return job
         self.queue.retrieved(job, received_by_move=announced or None)
         return job
+
+    def _keep_wado(self, data: bytes, header: Dataset) -> None:
+        try:
+            self.queue.accept(
+                data,
+                study_instance_uid=str(header.StudyInstanceUID),
+                sop_instance_uid=str(header.SOPInstanceUID),
+                sop_class_uid=str(header.SOPClassUID),
+            )
+        except Rejected as exc:  # the PACS answered with another study's object
+            raise PacsError(f"WADO-RS: {exc}") from exc
 
     # ----------------------------------------------------------------- delivery
 
@@ -169,7 +216,7 @@ class Gateway:
     def _send(self, job: Job, batch: list[Outgoing]) -> None:
         by_uid = {item.sop_instance_uid: item for item in batch}
         parts = [(item.sop_instance_uid, self.queue.spool.read(item.spool_key)) for item in batch]
-        outcome = self.archive.stow(job.study_instance_uid, parts)
+        outcome = self.archive.send(job.study_instance_uid, parts)
         self._record(outcome, by_uid)
         if outcome.anonymous_failures:
             # Some refusal names no instance: send the unmatched ones alone to learn which.
@@ -177,7 +224,7 @@ class Gateway:
             for item in batch:
                 if item.sop_instance_uid in named:
                     continue
-                single = self.archive.stow(
+                single = self.archive.send(
                     job.study_instance_uid,
                     [(item.sop_instance_uid, self.queue.spool.read(item.spool_key))],
                 )
