@@ -411,3 +411,24 @@ def test_failed_step__retried_with_backoff_then_failed_and_retry(
         assert _sha(storage.backend("nearline").read(key)) == _sha(good)
     finally:
         archive.close()
+
+
+def test_scrub_checks_the_online_tier_only(archive: Archive) -> None:
+    """The scrub reads online copies directly: a study on the offline tier is neither read
+    (no recall) nor counted; the online ones are verified."""
+    from cloudfilm.archive.integrity import scrub
+
+    studies = sorted(_load(archive, _files()))
+    _move(archive, studies[0], "online", "offline")
+    jobs_before = len(archive.tiering.jobs(limit=100))
+    result = scrub(archive)
+    assert result.damaged == 0 and result.unreachable == 0
+    offline = len(_objects(archive, studies[0]))
+    with archive.db.read_session() as session:
+        from sqlalchemy import func, select
+
+        from cloudfilm.archive.models import Instance
+
+        total = session.scalar(select(func.count()).select_from(Instance))
+    assert result.checked == total - offline
+    assert len(archive.tiering.jobs(limit=100)) == jobs_before  # nothing recalled

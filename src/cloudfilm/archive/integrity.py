@@ -42,7 +42,7 @@ from cloudfilm.storage.alarms import (
 from cloudfilm.storage.base import ObjectInfo, StorageBackend
 from cloudfilm.storage.mirror import MirroredBackend, MirrorJournal, MirrorSync, digest_matches
 from cloudfilm.storage.monitor import Severity
-from cloudfilm.storage.tiers import online_backend
+from cloudfilm.storage.tiers import PRIMARY, online_backend
 
 if TYPE_CHECKING:
     from cloudfilm.archive.ingest import Archive
@@ -54,8 +54,9 @@ _BATCH = 500
 
 
 def copies(archive: Archive) -> list[tuple[str, StorageBackend]]:
-    """(name, backend) of every copy the archive keeps: ``primary`` and maybe ``mirror``."""
-    storage = archive.storage
+    """(name, backend) of every copy of the online tier: ``primary`` and maybe ``mirror``.
+    Read directly, not through the tier wrapper, which would start recalls."""
+    storage = online_backend(archive.storage)
     if isinstance(storage, MirroredBackend):
         return storage.sides()
     return [("primary", storage)]
@@ -136,14 +137,19 @@ def scrub(
     actor: Actor = _SYSTEM,
 ) -> ScrubResult:
     """Verify ``limit`` objects, or ``share`` of all (None and None: every object), least
-    recently verified first; repair bad copies from good ones; audit a summary."""
+    recently verified first; repair bad copies from good ones; audit a summary.
+
+    Only objects on the online tier: lower tiers are verified when a migration copies to
+    them (read back against the recorded checksum) and may be offline by design."""
     result = ScrubResult(started_at=datetime.now(UTC))
+    online = Instance.storage_name == PRIMARY
     with archive.db.read_session() as session:
-        total = int(session.scalar(select(func.count()).select_from(Instance)) or 0)
+        total = int(session.scalar(select(func.count()).select_from(Instance).where(online)) or 0)
         if limit is None:
             limit = total if share is None else math.ceil(total * share)
         rows = session.execute(
             _objects_query()
+            .where(online)
             .order_by(Instance.verified_at.asc().nulls_first(), Instance.id)
             .limit(limit)
         ).all()
