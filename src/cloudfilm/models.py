@@ -22,6 +22,7 @@ from cloudfilm.auth.models import (
     UserSession,
 )
 from cloudfilm.db import Base
+from cloudfilm.hl7.models import HL7Message
 from cloudfilm.storage.models import Alarm, MirrorPending, StorageSample
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "AuditEvent",
     "Base",
     "Department",
+    "HL7Message",
     "Instance",
     "InstanceMetadata",
     "MirrorPending",
