@@ -42,6 +42,7 @@ from cloudfilm.errors import (
     StorageFull,
     StorageUnavailable,
 )
+from cloudfilm.fhir.router import router as fhir_router
 from cloudfilm.ohif import router as ohif_router
 from cloudfilm.storage.router import router as storage_router
 
@@ -88,6 +89,7 @@ def create_app(archive: Archive, *, clock: Clock | None = None) -> FastAPI:
     app.state.storage_monitor = archive.monitor
     app.include_router(dicomweb_router)
     app.include_router(wado_uri_router)
+    app.include_router(fhir_router)
     app.include_router(auth_router)
     app.include_router(admin_router)
     app.include_router(audit_router)
