@@ -772,6 +772,41 @@ class TiersSettings(_Section):
         return self
 
 
+class HL7Settings(_Section):
+    port: int | None = None
+    """TCP port of the HL7 v2 MLLP listener (the usual one is 2575). Empty: no listener.
+    Plain MLLP carries patient data unencrypted: keep it on the hospital LAN, or behind a
+    TLS tunnel (stunnel) in production."""
+
+    host: str = "127.0.0.1"
+    """Address the MLLP listener binds to. ``0.0.0.0`` to accept the HIS/RIS on the LAN
+    (then set ``allowed_sources``)."""
+
+    allowed_sources: list[str] = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
+    """Networks (CIDR) whose connections are accepted, e.g. ``["10.1.2.0/24"]``; other
+    peers are closed at once (and audited). Default: loopback only (``127.0.0.1/32``,
+    ``::1/128``), where a TLS tunnel such as stunnel delivers. Empty list: nobody."""
+
+    max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    """Largest message accepted, in bytes (an ORU with a PDF in OBX-5 is a few MB).
+    Larger ones are answered AR and the connection is closed."""
+
+    idle_timeout_seconds: float = Field(default=300.0, gt=0)
+    """Seconds without a byte before an idle connection is closed."""
+
+    application: str = "CLOUDFILM"
+    """MSH-3 of our ACKs when the sender left MSH-5 (receiving application) empty."""
+
+    @field_validator("allowed_sources")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for network in value:
+            ipaddress.ip_network(network, strict=False)
+        return value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CLOUDFILM_",
@@ -818,6 +853,8 @@ class Settings(BaseSettings):
     """The front service inside the hospital network (``cloudfilm gateway``)."""
     tiers: TiersSettings = Field(default_factory=TiersSettings)
     """Storage tiers (online / nearline / offline), migration policies and the job runner."""
+    hl7: HL7Settings = Field(default_factory=HL7Settings)
+    """The HL7 v2 MLLP listener (ADT, ORM, ORU from the HIS/RIS)."""
 
     @classmethod
     def settings_customise_sources(

@@ -79,3 +79,7 @@ class AuditEventType(StrEnum):
     """No good copy of an indexed object was found (missing or corrupt everywhere)."""
     ORPHANS_REMOVED = "orphans-removed"
     """Stored objects that no index row points to were deleted (orphan clean-up)."""
+    HL7_MESSAGE_RECEIVED = "hl7-message-received"
+    """An HL7 v2 message came in over MLLP (``detail``: control ID, type, ACK code)."""
+    HL7_MESSAGE_REPLAYED = "hl7-message-replayed"
+    """An operator re-ran the handlers of a stored HL7 message."""

@@ -62,6 +62,8 @@ class HL7Message(Base):
     raw: Mapped[bytes] = mapped_column(LargeBinary)
     """The message bytes exactly as received (between the MLLP start and end bytes)."""
     status: Mapped[str] = mapped_column(String(16))
+    ack_code: Mapped[str] = mapped_column(String(2))
+    """What the sender was answered: ``AA``, ``AE`` or ``AR`` (HL7 table 0008)."""
     error: Mapped[str | None] = mapped_column(Text)
     processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     duplicate_of: Mapped[int | None] = mapped_column(
@@ -70,16 +72,17 @@ class HL7Message(Base):
     """For a ``duplicate``: the original message."""
 
     __table_args__ = (
-        # Duplicate detection: one original per sender and MSH-10 (duplicates are stored
-        # beside it with status 'duplicate', outside this index).
+        # Duplicate detection: one accepted original per sender and MSH-10. Repeats are
+        # stored beside it as 'duplicate'; messages answered AE/AR stay outside, so that
+        # the sender's corrected resend under the same MSH-10 is taken as new.
         Index(
             "uq_hl7_message_sender_control_id",
             "sending_facility",
             "sending_application",
             "control_id",
             unique=True,
-            postgresql_where=text("status <> 'duplicate' AND control_id IS NOT NULL"),
-            sqlite_where=text("status <> 'duplicate' AND control_id IS NOT NULL"),
+            postgresql_where=text("status <> 'duplicate' AND ack_code = 'AA'"),
+            sqlite_where=text("status <> 'duplicate' AND ack_code = 'AA'"),
         ),
         Index("ix_hl7_message_status_received_at", "status", "received_at"),
         Index("ix_hl7_message_message_type", "message_type"),

@@ -2,7 +2,8 @@
 
 ``hl7_message`` keeps every HL7 v2 message received over MLLP as received (raw bytes),
 with its sender, MSH-10, type, encoding and status; a partial unique index on (sending
-facility, sending application, MSH-10) among non-duplicates detects repeats.
+facility, sending application, MSH-10) among accepted
+(AA) originals detects repeats.
 
 Revision ID: 180e618f354f
 Revises: d4411aa75869
@@ -33,6 +34,7 @@ def upgrade() -> None:
         sa.Column("encoding", sa.String(length=16), nullable=True),
         sa.Column("raw", sa.LargeBinary(), nullable=False),
         sa.Column("status", sa.String(length=16), nullable=False),
+        sa.Column("ack_code", sa.String(length=2), nullable=False),
         sa.Column("error", sa.Text(), nullable=True),
         sa.Column("processed_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column(
@@ -55,8 +57,8 @@ def upgrade() -> None:
             "uq_hl7_message_sender_control_id",
             ["sending_facility", "sending_application", "control_id"],
             unique=True,
-            postgresql_where=sa.text("status <> 'duplicate' AND control_id IS NOT NULL"),
-            sqlite_where=sa.text("status <> 'duplicate' AND control_id IS NOT NULL"),
+            postgresql_where=sa.text("status <> 'duplicate' AND ack_code = 'AA'"),
+            sqlite_where=sa.text("status <> 'duplicate' AND ack_code = 'AA'"),
         )
 
 
@@ -64,8 +66,8 @@ def downgrade() -> None:
     with op.batch_alter_table("hl7_message", schema=None) as batch_op:
         batch_op.drop_index(
             "uq_hl7_message_sender_control_id",
-            postgresql_where=sa.text("status <> 'duplicate' AND control_id IS NOT NULL"),
-            sqlite_where=sa.text("status <> 'duplicate' AND control_id IS NOT NULL"),
+            postgresql_where=sa.text("status <> 'duplicate' AND ack_code = 'AA'"),
+            sqlite_where=sa.text("status <> 'duplicate' AND ack_code = 'AA'"),
         )
         batch_op.drop_index("ix_hl7_message_status_received_at")
         batch_op.drop_index("ix_hl7_message_message_type")
