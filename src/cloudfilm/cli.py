@@ -22,6 +22,7 @@ from cloudfilm import __version__
 from cloudfilm.archive.tiers_cli import register as register_tier_commands
 from cloudfilm.config import Environment, Settings
 from cloudfilm.gateway.cli import gateway_app
+from cloudfilm.hl7.cli import hl7_app
 
 app = typer.Typer(
     help="云胶片 Cloud Film: archive, share and view a hospital's imaging exams.",
@@ -43,6 +44,7 @@ audit_app = typer.Typer(
 )
 app.add_typer(audit_app, name="audit")
 app.add_typer(gateway_app, name="gateway")
+app.add_typer(hl7_app, name="hl7")
 console = Console(stderr=True)
 
 DataDir = typer.Option(
@@ -135,6 +137,9 @@ def serve(
     host: str | None = typer.Option(None, help="HTTP address (env CLOUDFILM_HTTP__HOST)."),
     http_port: int | None = typer.Option(None, help="HTTP port (env CLOUDFILM_HTTP__PORT)."),
     dicom_port: int | None = typer.Option(None, help="DICOM port (env CLOUDFILM_DIMSE__PORT)."),
+    mllp_port: int | None = typer.Option(
+        None, help="HL7 v2 MLLP port, e.g. 2575 (env CLOUDFILM_HL7__PORT; default off)."
+    ),
     role: Role = typer.Option(Role.ALL, help="Which services this process runs."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -150,7 +155,10 @@ def serve(
         dimse["accept_unknown_callers"] = True
     if dimse:
         overrides["dimse"] = dimse
+    if mllp_port is not None:
+        overrides["hl7"] = {"port": mllp_port}
     settings = _settings(data_dir, **overrides)
+    _refuse_open_mllp(settings)
     if demo and settings.environment is Environment.PRODUCTION:
         console.print("[red]--demo is refused in production[/red]")
         raise typer.Exit(2)
@@ -175,6 +183,12 @@ def serve(
     if role in (Role.ALL, Role.DIMSE):
         dimse_server = DIMSEServer(archive, settings.dimse)
         dimse_server.start()
+    hl7_listener = None
+    if settings.hl7.port is not None and role in (Role.ALL, Role.DIMSE):
+        from cloudfilm.hl7.listener import HL7Listener
+
+        hl7_listener = HL7Listener(archive.db, settings.hl7)
+        hl7_listener.start()
     # Every role watches its storage (alarms are raised once, whichever process sees it).
     monitor_loop = MonitorLoop(archive.monitor)
     monitor_loop.start()
@@ -209,7 +223,29 @@ def serve(
         monitor_loop.stop()
         if dimse_server is not None:
             dimse_server.stop()
+        if hl7_listener is not None:
+            hl7_listener.stop()
         archive.close()
+
+
+def _refuse_open_mllp(settings: Settings) -> None:
+    """Plain MLLP carries patient data in clear text: in production it listens on loopback
+    only, behind a TLS tunnel (SECURITY-CHECKS H7; docs/hl7.md)."""
+    import ipaddress
+
+    hl7 = settings.hl7
+    if hl7.port is None or settings.environment is not Environment.PRODUCTION:
+        return
+    try:
+        loopback = ipaddress.ip_address(hl7.host).is_loopback
+    except ValueError:
+        loopback = hl7.host == "localhost"
+    if not loopback:
+        console.print(
+            f"[red]hl7.host {hl7.host} would expose plain MLLP in production: keep it on "
+            "127.0.0.1 and put a TLS tunnel (stunnel, mutual TLS) in front (docs/hl7.md)[/red]"
+        )
+        raise typer.Exit(2)
 
 
 def _start_integrity_loops(archive: Any) -> list[Any]:

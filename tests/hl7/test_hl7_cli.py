@@ -1,0 +1,66 @@
+"""``cloudfilm serve --mllp-port`` takes messages; ``cloudfilm hl7 messages|replay`` show
+and replay them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from hl7.client import MLLPClient
+
+from conftest import free_port
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cloudfilm", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+ADT = (
+    "MSH|^~\\&|HIS|人民医院|CLOUDFILM|影像科|20261128083000||ADT^A01^ADT_A01|CLI0001|P|2.5"
+    "|||AL|NE|CHN|UNICODE UTF-8\rPID|1||P1^^^HIS^PI||张三丰^^^^^^L||19800101|M\r"
+)
+
+
+def test_serve_mllp__messages_listed_and_replay_reports_no_handler(tmp_path: Path) -> None:
+    data_dir = str(tmp_path / "var")
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cloudfilm", "serve", "--data-dir", data_dir,
+         "--http-port", str(free_port()), "--dicom-port", str(free_port()),
+         "--mllp-port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            try:
+                with MLLPClient("127.0.0.1", port) as client:
+                    ack = client.send_message(ADT.encode("utf-8"))
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline, "the MLLP port did not open"
+                time.sleep(0.3)
+        assert b"MSA|AA|CLI0001" in ack
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+    listed = _cli("hl7", "messages", "--data-dir", data_dir, "--type", "ADT")
+    assert listed.returncode == 0, listed.stderr
+    assert "CLI0001" in listed.stdout and "received" in listed.stdout
+    assert "张三丰" not in listed.stdout
+    empty = _cli("hl7", "messages", "--data-dir", data_dir, "--status", "failed")
+    assert "CLI0001" not in empty.stdout
+    replay = _cli("hl7", "replay", "1", "--data-dir", data_dir)
+    assert replay.returncode == 1
+    assert "no handler is registered for ADT^A01" in replay.stdout
