@@ -304,3 +304,10 @@ def test_fhirclient__reads_patient_and_searches_studies(
     studies = list(ClientStudy.where(struct={"patient": pid}).perform_resources_iter(smart.server))
     assert sorted(s.id for s in studies) == sorted([hospital["old"], hospital["new"]])
     assert all(s.endpoint[0].reference == "#dicomweb" for s in studies)
+
+
+def test_unsupported_type__operation_outcome(live_server: LiveServer) -> None:
+    body = get(live_server, "Encounter", status=404)
+    assert body["issue"][0]["code"] == "not-supported"
+    get(live_server, "Encounter/1", status=404)
+    assert "entry" not in get(live_server, "Patient")  # FHIR JSON has no empty arrays

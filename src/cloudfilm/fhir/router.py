@@ -106,6 +106,7 @@ router = APIRouter(prefix="/fhir/R4", tags=["FHIR R4"], route_class=FHIRRoute)
 Searcher = Annotated[Principal, Depends(Permit(Permission.STUDY_SEARCH))]
 Reader = Annotated[Principal, Depends(Permit(Permission.STUDY_READ))]
 Auditor = Annotated[Principal, Depends(Permit(Permission.AUDIT_READ))]
+SignedIn = Annotated[Principal, Depends(Permit.signed_in())]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     200: {"content": {mapping.FHIR_JSON: {}}},
@@ -182,7 +183,6 @@ def _each(
 def _page_bundle(
     request: Request,
     resource_type: str,
-    values: dict[str, list[str]],
     page: Paging,
     total: int,
     entries: list[dict[str, Any]],
@@ -200,14 +200,15 @@ def _page_bundle(
         links.append({"relation": "next", "url": link(page.offset + page.count)})
     if page.offset > 0:
         links.append({"relation": "previous", "url": link(max(0, page.offset - page.count))})
-    del values
-    return {
+    bundle: dict[str, Any] = {
         "resourceType": "Bundle",
         "type": "searchset",
         "total": total,
         "link": links,
-        "entry": entries,
     }
+    if entries:  # FHIR JSON has no empty arrays (R4 2.6.2)
+        bundle["entry"] = entries
+    return bundle
 
 
 def _entry(base: str, resource: dict[str, Any], mode: str = "match") -> dict[str, Any]:
@@ -405,7 +406,7 @@ def search_patients(request: Request, caller: Searcher) -> Response:
     note(request, AuditEventType.QUERY, AuditAction.EXECUTE, "fhir", "Patient")
     base = fhir_base(request)
     entries = [_entry(base, mapping.patient(row)) for row in rows]
-    return _respond(_page_bundle(request, "Patient", values, page, total, entries))
+    return _respond(_page_bundle(request, "Patient", page, total, entries))
 
 
 @router.get("/Patient/{id}", summary="Read a patient", responses=_READ_ERRORS)
@@ -517,7 +518,7 @@ def search_studies(request: Request, caller: Searcher) -> Response:
             ).all()
             entries += [_entry(base, mapping.patient(p), "include") for p in patients]
     note(request, AuditEventType.QUERY, AuditAction.EXECUTE, "fhir", "ImagingStudy")
-    return _respond(_page_bundle(request, "ImagingStudy", values, page, total, entries))
+    return _respond(_page_bundle(request, "ImagingStudy", page, total, entries))
 
 
 @router.get("/ImagingStudy/{id}", summary="Read an imaging study", responses=_READ_ERRORS)
@@ -563,6 +564,17 @@ def _audit_patient(request: Request, raw: str) -> ColumnElement[bool]:
     return _AUDIT.patient_id.in_(candidates)
 
 
+_AGENT_TYPES = ("Practitioner/", "PractitionerRole/", "Device/", "Organization/", "Patient/")
+
+
+def _agent_id(raw: str) -> str:
+    """``Practitioner/zhang`` or ``zhang`` → ``zhang`` (the audit trail's actor id)."""
+    for prefix in _AGENT_TYPES:
+        if raw.startswith(prefix):
+            return raw[len(prefix) :]
+    return raw
+
+
 def _entity(raw: str) -> ColumnElement[bool]:
     token = parse_token(raw)
     uid = token.code.removeprefix("urn:oid:")
@@ -584,7 +596,7 @@ def search_audit(request: Request, _caller: Auditor) -> Response:
     conditions += _each(
         values,
         "agent",
-        lambda v: _AUDIT.actor_id == v.rpartition("/")[2] if "/" in v else _AUDIT.actor_id == v,
+        lambda v: _AUDIT.actor_id == _agent_id(v),
     )
     conditions += _each(values, "patient", lambda v: _audit_patient(request, v))
     conditions += _each(values, "entity-id", _entity)
@@ -602,7 +614,7 @@ def search_audit(request: Request, _caller: Auditor) -> Response:
     observer = _archive(request).settings.dimse.ae_title
     base = fhir_base(request)
     entries = [_entry(base, fhir_audit_event(row, observer=observer)) for row in rows]
-    return _respond(_page_bundle(request, "AuditEvent", values, page, total, entries))
+    return _respond(_page_bundle(request, "AuditEvent", page, total, entries))
 
 
 @router.get("/AuditEvent/{id}", summary="Read an audit record", responses=_READ_ERRORS)
@@ -615,3 +627,31 @@ def read_audit(id: str, request: Request, _caller: Auditor) -> Response:  # noqa
         raise FHIRError(404, "not-found", f"no AuditEvent {id!r}")
     note(request, AuditEventType.AUDIT_LOG_USED, AuditAction.READ, "audit", id)
     return _respond(fhir_audit_event(row, observer=_archive(request).settings.dimse.ae_title))
+
+
+# ------------------------------------------------------------------ anything else
+
+_OFFERED = ", ".join(["metadata", *_SEARCH_PARAMS])
+
+
+@router.get(
+    "/{resource_type}",
+    summary="A resource type this server does not offer (yet)",
+    responses={404: {"description": "not supported (OperationOutcome)"}},
+    include_in_schema=False,
+)
+def unsupported_type(resource_type: str, _caller: SignedIn) -> Response:
+    raise FHIRError(
+        404, "not-supported", f"{resource_type[:64]!r} is not offered here; offered: {_OFFERED}"
+    )
+
+
+@router.get(
+    "/{resource_type}/{id}",
+    summary="A resource type this server does not offer (yet)",
+    responses={404: {"description": "not supported (OperationOutcome)"}},
+    include_in_schema=False,
+)
+def unsupported_read(resource_type: str, id: str, _caller: SignedIn) -> Response:  # noqa: A002
+    del id
+    return unsupported_type(resource_type, _caller)
