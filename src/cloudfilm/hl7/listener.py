@@ -192,7 +192,8 @@ class HL7Listener:
             await self._take(raw, writer, source)
 
     async def _take(self, raw: bytes, writer: asyncio.StreamWriter, source: str) -> None:
-        verdict = service.examine(raw)
+        # Decoding and parsing a multi-megabyte ORU is CPU work: off the event loop.
+        verdict = await asyncio.to_thread(service.examine, raw)
         try:
             message_id, status = await asyncio.to_thread(self._store, raw, verdict, source)
         except Exception:
@@ -287,7 +288,8 @@ def process(db: Database, message_id: int) -> str:
     except LookupError:
         raise
     except Exception as exc:
-        logger.exception("HL7 message #%d: its handler failed", message_id)
+        # The error text may quote the message (names): it goes to the store, not the log.
+        logger.error("HL7 message #%d: its handler failed (%s)", message_id, type(exc).__name__)
         with db.session() as session:
             service.mark_failed(
                 session=session, message_id=message_id, error=f"{type(exc).__name__}: {exc}"
