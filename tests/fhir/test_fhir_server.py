@@ -66,6 +66,10 @@ def get(
     MODELS[body["resourceType"]].model_validate(body)
     for entry in body.get("entry", []):
         MODELS[entry["resource"]["resourceType"]].model_validate(entry["resource"])
+    # fhirclient's models are R4 4.0.1 itself (fhir.resources has R4B and R5): strict too.
+    from fhirclient.models import fhirelementfactory
+
+    fhirelementfactory.FHIRElementFactory.instantiate(body["resourceType"], body)
     return body
 
 
