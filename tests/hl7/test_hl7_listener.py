@@ -254,3 +254,49 @@ def test_listener__refuses_peers_outside_allowed_sources(archive: Archive) -> No
     finally:
         server.stop()
     assert rows(archive) == []
+
+
+def test_listener__python_hl7_asyncio_client(archive: Archive, listener: HL7Listener) -> None:
+    """python-hl7's asyncio MLLP client: a burst of messages on one connection, in GB 18030."""
+    import asyncio
+
+    import hl7.mllp
+
+    async def send_all() -> list[Any]:
+        reader, writer = await hl7.mllp.open_hl7_connection(
+            "127.0.0.1", listener.port, encoding="gb18030"
+        )
+        acks = []
+        for n in range(20):
+            text = message(DAY[n % len(DAY)], f"AS{n:03d}", "gb18030").decode("gb18030")
+            writer.writemessage(hl7.parse(text))
+            await writer.drain()
+            acks.append(await reader.readmessage())
+        writer.close()
+        await writer.wait_closed()
+        return acks
+
+    acks = asyncio.run(send_all())
+    assert [str(ack.segment("MSA")[2]) for ack in acks] == [f"AS{n:03d}" for n in range(20)]
+    assert {str(ack.segment("MSA")[1]) for ack in acks} == {"AA"}
+    assert len(rows(archive)) == 20
+
+
+def test_listener__same_message_on_two_connections_at_once(
+    archive: Archive, listener: HL7Listener
+) -> None:
+    """A sender retrying on a second connection while the first is still waiting: one
+    original, the rest duplicates, every copy answered AA."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    raw = message("ORM^O01", "RACE1")
+
+    def send(_: int) -> Any:
+        with MLLPClient("127.0.0.1", listener.port) as client:
+            return parse_ack(client.send_message(raw))
+
+    with ThreadPoolExecutor(4) as pool:
+        acks = list(pool.map(send, range(4)))
+    assert {str(ack.segment("MSA")[1]) for ack in acks} == {"AA"}
+    statuses = sorted(row.status for row in rows(archive))
+    assert statuses == ["duplicate", "duplicate", "duplicate", "received"]
