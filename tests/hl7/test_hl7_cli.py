@@ -64,3 +64,20 @@ def test_serve_mllp__messages_listed_and_replay_reports_no_handler(tmp_path: Pat
     replay = _cli("hl7", "replay", "1", "--data-dir", data_dir)
     assert replay.returncode == 1
     assert "no handler is registered for ADT^A01" in replay.stdout
+
+
+def test_serve__refuses_plain_mllp_off_loopback_in_production(tmp_path: Path) -> None:
+    import pytest
+    import typer
+
+    from cloudfilm.cli import _refuse_open_mllp
+    from cloudfilm.config import Environment, HL7Settings, Settings
+
+    base = Settings(data_dir=tmp_path)
+    open_lan = HL7Settings(port=2575, host="0.0.0.0")
+    lan = base.model_copy(update={"environment": Environment.PRODUCTION, "hl7": open_lan})
+    with pytest.raises(typer.Exit):
+        _refuse_open_mllp(lan)
+    tunnelled = lan.model_copy(update={"hl7": HL7Settings(port=2575)})
+    _refuse_open_mllp(tunnelled)  # loopback behind a TLS tunnel: allowed
+    _refuse_open_mllp(base.model_copy(update={"hl7": open_lan}))  # development: allowed
