@@ -216,6 +216,10 @@ def test_imaging_study__read_and_search(live_server: LiveServer, hospital: dict[
     assert _ids(by_patient) == [hospital["new"], hospital["old"]]  # newest first
     assert _ids(get(server, "ImagingStudy", subject=p3)) == _ids(by_patient)
     assert _ids(get(server, "ImagingStudy", identifier="ACC2")) == [hospital["mr"]]
+    chained = get(
+        server, "ImagingStudy", **{"patient.identifier": "urn:cloudfilm:patient-id:HOSP|P3"}
+    )
+    assert _ids(chained) == _ids(by_patient)
     assert _ids(
         get(server, "ImagingStudy", identifier=f"urn:dicom:uid|urn:oid:{hospital['mr']}")
     ) == [hospital["mr"]]

@@ -252,6 +252,7 @@ _SEARCH_PARAMS: dict[str, list[tuple[str, str, str]]] = {
         ("subject", "reference", "The patient (Patient/id)"),
         ("started", "date", "Study date, with prefixes"),
         ("modality", "token", "A modality of the study (DCM code)"),
+        ("patient.identifier", "token", "The patient's PatientID (chained, system|value)"),
     ],
     "AuditEvent": [
         ("_id", "token", "Logical id"),
@@ -473,6 +474,11 @@ def _study_conditions(values: dict[str, list[str]]) -> list[ColumnElement[bool]]
         values, "started", lambda v: da_condition(Study.study_date, parse_date("started", v))
     )
     conditions += _each(values, "modality", _modality)
+    conditions += _each(
+        values,
+        "patient.identifier",
+        lambda v: Study.patient_pk.in_(select(Patient.id).where(_patient_identifier(v))),
+    )
     return conditions
 
 
