@@ -794,6 +794,10 @@ class HL7Settings(_Section):
     idle_timeout_seconds: float = Field(default=300.0, gt=0)
     """Seconds without a byte before an idle connection is closed."""
 
+    max_connections: int = Field(default=20, ge=1)
+    """Simultaneous MLLP connections; more are closed at once (a HIS usually keeps one or
+    two open)."""
+
     application: str = "CLOUDFILM"
     """MSH-3 of our ACKs when the sender left MSH-5 (receiving application) empty."""
 

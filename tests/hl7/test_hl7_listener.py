@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import logging
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -300,3 +301,23 @@ def test_listener__same_message_on_two_connections_at_once(
     assert {str(ack.segment("MSA")[1]) for ack in acks} == {"AA"}
     statuses = sorted(row.status for row in rows(archive))
     assert statuses == ["duplicate", "duplicate", "duplicate", "received"]
+
+
+def test_listener__connections_beyond_the_limit_are_closed(archive: Archive) -> None:
+    server = HL7Listener(archive.db, HL7Settings(port=0, max_connections=1))
+    server.start()
+    try:
+        with MLLPClient("127.0.0.1", server.port) as first:
+            ack = parse_ack(first.send_message(message("ADT^A01", "L1")))
+            assert str(ack.segment("MSA")[1]) == "AA"
+            assert send_raw(server.port, b"\x0b" + message("ADT^A01", "L2") + b"\x1c\x0d") == b""
+        # Once the listener has seen the first one go, a new connection is served.
+        deadline = time.monotonic() + 5
+        frame = b"\x0b" + message("ADT^A01", "L3") + b"\x1c\x0d"
+        while not (answer := send_raw(server.port, frame)):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert str(parse_ack(answer).segment("MSA")[1]) == "AA"
+    finally:
+        server.stop()
+    assert [row.control_id for row in rows(archive)] == ["L1", "L3"]

@@ -142,6 +142,10 @@ class HL7Listener:
                 )
                 await asyncio.to_thread(self._audit_refusal, source, "not in hl7.allowed_sources")
                 return
+            if len(self._connections) > self.settings.max_connections:
+                logger.warning("HL7 connection from %s refused (hl7.max_connections)", source)
+                await asyncio.to_thread(self._audit_refusal, source, "hl7.max_connections")
+                return
             await self._serve_connection(reader, writer, source)
         except asyncio.CancelledError:
             pass
