@@ -34,7 +34,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from cloudfilm.archive.models import Instance, InstanceMetadata, Patient, Series, Study
 from cloudfilm.audit import service as audit
-from cloudfilm.audit.enums import AuditAction, AuditEventType, AuditOutcome
+from cloudfilm.audit.enums import AuditAction, AuditEventType
 from cloudfilm.audit.service import Actor
 from cloudfilm.config import RetentionRule
 from cloudfilm.db import Base
@@ -310,19 +310,7 @@ def restore(*, archive: Archive, deletion_id: int, actor: Actor, now: datetime) 
         deletion = session.get(Deletion, deletion_id)
         assert deletion is not None
         deletion.state, deletion.finished_at = State.RESTORED.value, now
-        audit.record(
-            session=session,
-            actor=actor,
-            event_type=AuditEventType.INSTANCES_RESTORED,
-            action=AuditAction.CREATE,
-            object_type=deletion.level,
-            object_id=deletion.sop_instance_uid
-            or deletion.series_instance_uid
-            or deletion.study_instance_uid,
-            patient_id=deletion.patient_id,
-            study_instance_uid=deletion.study_instance_uid,
-            detail={"deletion": deletion.id, "instances": len(kept)},
-        )
+        _audit(session, actor, deletion, AuditEventType.INSTANCES_RESTORED, len(kept))
         return deletion
 
 
@@ -358,21 +346,29 @@ def purge_due(*, archive: Archive, now: datetime, actor: Actor) -> int:
                 delete(DeletedInstance).where(DeletedInstance.deletion_id == deletion_id)
             )
             deletion.state, deletion.finished_at = State.PURGED.value, now
-            audit.record(
-                session=session,
-                actor=actor,
-                event_type=AuditEventType.INSTANCES_PURGED,
-                action=AuditAction.DELETE,
-                outcome=AuditOutcome.SUCCESS,
-                object_type=deletion.level,
-                object_id=deletion.sop_instance_uid
-                or deletion.series_instance_uid
-                or deletion.study_instance_uid,
-                patient_id=deletion.patient_id,
-                study_instance_uid=deletion.study_instance_uid,
-                detail={"deletion": deletion.id, "objects": len(keys)},
-            )
+            _audit(session, actor, deletion, AuditEventType.INSTANCES_PURGED, len(keys))
     return len(due)
+
+
+def _audit(
+    session: Session, actor: Actor, deletion: Deletion, event: AuditEventType, objects: int
+) -> None:
+    """The audit record of a restore or purge, naming what the deletion addressed."""
+    audit.record(
+        session=session,
+        actor=actor,
+        event_type=event,
+        action=AuditAction.CREATE
+        if event is AuditEventType.INSTANCES_RESTORED
+        else AuditAction.DELETE,
+        object_type=deletion.level,
+        object_id=deletion.sop_instance_uid
+        or deletion.series_instance_uid
+        or deletion.study_instance_uid,
+        patient_id=deletion.patient_id,
+        study_instance_uid=deletion.study_instance_uid,
+        detail={"deletion": deletion.id, "objects": objects},
+    )
 
 
 def pending(session: Session) -> list[dict[str, Any]]:
