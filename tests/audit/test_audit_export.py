@@ -17,7 +17,13 @@ from sqlalchemy import Row
 from cloudfilm.archive.ingest import Archive
 from cloudfilm.audit import service as audit
 from cloudfilm.audit.enums import ActorType, AuditAction, AuditEventType, AuditOutcome
-from cloudfilm.audit.export import CSV_HEADERS, csv_chunks, dicom_audit_message, fhir_audit_event
+from cloudfilm.audit.export import (
+    CSV_HEADERS,
+    EVENT_CODES,
+    csv_chunks,
+    dicom_audit_message,
+    fhir_audit_event,
+)
 from cloudfilm.audit.query import COLUMNS, AuditQuery, as_json, get_event, iter_matching, search
 from cloudfilm.audit.service import Actor
 from cloudfilm.errors import NotFound
@@ -282,3 +288,11 @@ def test_exports__an_ingested_object(archive: Archive) -> None:
         )
         is not None
     )
+
+
+def test_every_event_type_has_a_dicom_event_code() -> None:
+    """Only a plain HTTP request falls back to FHIR's "rest"; every named event has its
+    DICOM (DCM) event id, so ATNA exports never lose what happened."""
+    missing = {e for e in AuditEventType if e not in EVENT_CODES} - {AuditEventType.HTTP_REQUEST}
+    assert not missing
+    assert all(code.system == "DCM" or code.code.isdigit() for code, _ in EVENT_CODES.values())

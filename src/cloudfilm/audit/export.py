@@ -51,6 +51,8 @@ _SECURITY_ALERT = Code("110113", "Security Alert")
 _USER_AUTHENTICATION = Code("110114", "User Authentication")
 _APPLICATION_ACTIVITY = Code("110100", "Application Activity")
 _USER_SECURITY_CHANGED = Code("110137", "User Security Attributes Changed")
+_STUDY_DELETED = Code("110105", "DICOM Study Deleted")
+_PATIENT_RECORD = Code("110110", "Patient Record")
 _REST = Code("rest", "RESTful Operation", _FHIR_EVENT_TYPE)
 
 #: Event type → (event id, event type code).
@@ -59,6 +61,19 @@ EVENT_CODES: dict[str, tuple[Code, Code | None]] = {
     AuditEventType.INSTANCE_REPLACED: (_INSTANCES_TRANSFERRED, None),
     AuditEventType.INSTANCE_DUPLICATE: (_INSTANCES_TRANSFERRED, None),
     AuditEventType.INSTANCE_REJECTED: (_INSTANCES_TRANSFERRED, None),
+    AuditEventType.INSTANCE_REFUSED: (_INSTANCES_TRANSFERRED, None),
+    AuditEventType.INSTANCES_DELETED: (_STUDY_DELETED, None),
+    AuditEventType.INSTANCES_PURGED: (_STUDY_DELETED, None),
+    AuditEventType.INSTANCES_RESTORED: (Code("110107", "Import"), None),
+    AuditEventType.ALARM_RAISED: (_APPLICATION_ACTIVITY, None),
+    AuditEventType.ALARM_CLEARED: (_APPLICATION_ACTIVITY, None),
+    AuditEventType.ALARM_ACKNOWLEDGED: (_APPLICATION_ACTIVITY, None),
+    AuditEventType.STORAGE_SCRUBBED: (_APPLICATION_ACTIVITY, None),
+    AuditEventType.OBJECT_REPAIRED: (_APPLICATION_ACTIVITY, None),
+    AuditEventType.OBJECT_DAMAGED: (_SECURITY_ALERT, None),
+    AuditEventType.ORPHANS_REMOVED: (_APPLICATION_ACTIVITY, None),
+    AuditEventType.HL7_MESSAGE_RECEIVED: (_PATIENT_RECORD, None),
+    AuditEventType.HL7_MESSAGE_REPLAYED: (_PATIENT_RECORD, None),
     AuditEventType.RETRIEVE: (_INSTANCES_TRANSFERRED, None),
     AuditEventType.QUERY: (Code("110112", "Query"), None),
     AuditEventType.ASSOCIATION_REJECTED: (_SECURITY_ALERT, Code("110126", "Node Authentication")),
