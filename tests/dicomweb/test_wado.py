@@ -13,7 +13,7 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
 from pydicom.fileset import FileSet
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from cloudfilm.archive.models import Instance
 from cloudfilm.audit.models import AuditEvent
@@ -175,6 +175,38 @@ def test_frames__native_and_compressed(live_server: LiveServer) -> None:
     assert httpx.get(f"{base}/frames/1", headers=gif).status_code == 406
     assert httpx.get(f"{base}/frames/11", headers=live_server.headers).status_code == 404
     assert httpx.get(f"{base}/frames/0,x", headers=live_server.headers).status_code == 400
+
+
+def test_frames__same_without_frame_index(live_server: LiveServer) -> None:
+    """Objects stored before the frame index existed (column empty) are served by parsing
+    them, with the same bytes."""
+    archive = live_server.archive
+    name = "emri_small_jpeg_ls_lossless.dcm"
+    assert archive.ingest((DATA / name).read_bytes(), actor=ACTOR).ok
+    mr = dcmread(DATA / name)
+    client = _client(live_server)
+
+    def fetch() -> list[bytes]:
+        return list(
+            client.retrieve_instance_frames(
+                mr.StudyInstanceUID,
+                mr.SeriesInstanceUID,
+                mr.SOPInstanceUID,
+                frame_numbers=[2, 9],
+                media_types=(("application/octet-stream", "*"),),
+            )
+        )
+
+    with archive.db.read_session() as session:
+        assert session.scalar(select(Instance.frame_index)) is not None
+    indexed = fetch()
+    with archive.db.session() as session:
+        session.execute(update(Instance).values(frame_index=None))
+    assert fetch() == indexed
+    from pydicom.encaps import generate_frames
+
+    originals = list(generate_frames(mr.PixelData, number_of_frames=10))
+    assert indexed == [originals[1], originals[8]]
 
 
 def test_bulkdata__pixel_data(ct: tuple[LiveServer, str, str, str]) -> None:

@@ -194,6 +194,9 @@ class Instance(Base):
     integrity_error: Mapped[str | None] = mapped_column(String(256))
     """Why no good copy of the object could be found at the last check (missing or corrupt
     everywhere); empty while the object is sound. Set by the scrub and the orphan report."""
+    frame_index: Mapped[str | None] = mapped_column(Text, deferred=True)
+    """Where each frame lies in the stored object (JSON, :mod:`cloudfilm.archive.frames`);
+    empty when unknown: frame requests then parse the object."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 

@@ -25,6 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from cloudfilm.archive import frames
 from cloudfilm.archive.dicom_json import dataset_json
 from cloudfilm.archive.models import Instance, InstanceMetadata, Patient, Series, Study
 from cloudfilm.archive.names import name_forms
@@ -108,7 +109,10 @@ def describe(parsed: ParsedInstance) -> IndexRecord:
         patient=_patient_values(header),
         study=_study_values(header),
         series=_series_values(header),
-        instance=_instance_values(header, parsed.transfer_syntax_uid),
+        instance={
+            **_instance_values(header, parsed.transfer_syntax_uid),
+            "frame_index": frames.locate(parsed.blob) if "7FE00010" in data else None,
+        },
         dicom_json=orjson.dumps(data).decode(),
         notes=tuple(parsed.notes),
     )

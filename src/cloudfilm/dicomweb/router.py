@@ -513,9 +513,33 @@ def _multipart(parts: list[tuple[str, bytes]]) -> Response:
 def retrieve_frames(
     study: str, series: str, instance: str, frames: str, request: Request, _caller: Reader
 ) -> Response:
-    blob = _one_blob(request, study, series, instance)
+    [(key, index, ts, count)] = _addressed(
+        request,
+        [
+            Instance.storage_key,
+            Instance.frame_index,
+            Instance.transfer_syntax_uid,
+            Instance.number_of_frames,
+        ],
+        study,
+        series,
+        instance,
+    )
+    accept = request.headers.get("accept", "*/*")
+    storage = archive_of(request).storage
     try:
-        found = wado.frames(blob, frames, request.headers.get("accept", "*/*"))
+        found = None
+        if index is not None:  # read just the frames' bytes (archive/frames.py)
+            found = wado.indexed_frames(
+                lambda start, end: storage.open_range(key, start, end),
+                index,
+                ts,
+                count or 1,
+                frames,
+                accept,
+            )
+        if found is None:
+            found = wado.frames(storage.read(key), frames, accept)
     except wado.FrameError as exc:
         raise DicomwebError(exc.status, exc.message) from exc
     return _multipart(

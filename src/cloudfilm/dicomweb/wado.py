@@ -10,6 +10,7 @@ uncompressed data gets the frame decoded (Explicit VR Little Endian).
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydicom import dcmread
@@ -19,6 +20,7 @@ from pydicom.pixels.utils import pixel_array
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
+from cloudfilm.archive import frames as frame_index
 from cloudfilm.dicomweb.media import media_type_parameters
 
 #: PS3.18 Table 8.7.3-2: media types of compressed pixel data.
@@ -84,6 +86,53 @@ def accepted(accept: str) -> tuple[bool, set[str]]:
     return any_syntax, media
 
 
+def delivery(ts: UID, accept: str) -> tuple[str, str] | None:
+    """(media type, transfer syntax) that frames stored in ``ts`` go out in for a client
+    that sends ``accept``; ``None`` when they must be decoded first. 406 when no form fits."""
+    any_syntax, media = accepted(accept)
+    if not ts.is_encapsulated:
+        if not media & {"application/octet-stream", "*/*", "*", "multipart/related"}:
+            raise FrameError(406, "uncompressed frames come as application/octet-stream")
+        return "application/octet-stream", (
+            "1.2.840.10008.1.2.1" if ts.is_little_endian else str(ts)
+        )
+    image_type = IMAGE_MEDIA_TYPES.get(str(ts), "application/octet-stream")
+    if image_type in media or "image/*" in media:
+        return image_type, str(ts)
+    if any_syntax:
+        return "application/octet-stream", str(ts)
+    if media & {"application/octet-stream", "multipart/related"}:
+        return None
+    raise FrameError(
+        406,
+        f"the frames are stored compressed ({ts.name}); accept {image_type}, "
+        "application/octet-stream or transfer-syntax=*",
+    )
+
+
+def indexed_frames(
+    read: Callable[[int, int], bytes],
+    index_text: str,
+    ts: str,
+    count: int,
+    numbers_text: str,
+    accept: str,
+) -> list[Frame] | None:
+    """The requested frames read through the frame index (:mod:`cloudfilm.archive.frames`)
+    with ``read(start, end)`` on the stored object; ``None`` when they must be decoded,
+    which needs the whole object (:func:`frames`)."""
+    numbers = parse_frame_list(numbers_text, count)
+    how = delivery(UID(ts), accept)
+    if how is None:
+        return None
+    kind, syntax = how
+    index = frame_index.parse(index_text)
+    return [
+        Frame(b"".join(read(s, e) for s, e in frame_index.ranges(index, n)), kind, syntax)
+        for n in numbers
+    ]
+
+
 def frames(blob: bytes, numbers_text: str, accept: str) -> list[Frame]:
     """The requested frames of the stored object ``blob``, in a form ``accept`` allows."""
     ds = _dataset(blob)
@@ -92,10 +141,11 @@ def frames(blob: bytes, numbers_text: str, accept: str) -> list[Frame]:
     ts = UID(str(ds.file_meta.TransferSyntaxUID))
     count = int(ds.get("NumberOfFrames", 1) or 1)
     numbers = parse_frame_list(numbers_text, count)
-    any_syntax, media = accepted(accept)
+    how = delivery(ts, accept)
+    if how is None:
+        return [_decoded(blob, n, count) for n in numbers]
+    kind, syntax = how
     if not ts.is_encapsulated:
-        if not media & {"application/octet-stream", "*/*", "*", "multipart/related"}:
-            raise FrameError(406, "uncompressed frames come as application/octet-stream")
         size = (
             int(ds.Rows)
             * int(ds.Columns)
@@ -104,26 +154,9 @@ def frames(blob: bytes, numbers_text: str, accept: str) -> list[Frame]:
             // 8
         )
         pixels = ds.PixelData
-        syntax = "1.2.840.10008.1.2.1" if ts.is_little_endian else str(ts)
-        return [
-            Frame(pixels[(n - 1) * size : n * size], "application/octet-stream", syntax)
-            for n in numbers
-        ]
-    image_type = IMAGE_MEDIA_TYPES.get(str(ts), "application/octet-stream")
-    if image_type in media or "image/*" in media:
-        kind = image_type
-    elif any_syntax:
-        kind = "application/octet-stream"
-    elif media & {"application/octet-stream", "multipart/related"}:
-        return [_decoded(blob, n, count) for n in numbers]
-    else:
-        raise FrameError(
-            406,
-            f"the frames are stored compressed ({ts.name}); accept {image_type}, "
-            "application/octet-stream or transfer-syntax=*",
-        )
+        return [Frame(pixels[(n - 1) * size : n * size], kind, syntax) for n in numbers]
     all_frames = list(generate_frames(ds.PixelData, number_of_frames=count))
-    return [Frame(all_frames[n - 1], kind, str(ts)) for n in numbers]
+    return [Frame(all_frames[n - 1], kind, syntax) for n in numbers]
 
 
 def _decoded(blob: bytes, number: int, count: int) -> Frame:
