@@ -502,6 +502,22 @@ class RetrieveMethod(StrEnum):
     MOVE = "move"
     GET = "get"
     WADO = "wado"
+    WADO_URI = "wado-uri"
+    FTP = "ftp"
+    FOLDER = "folder"
+
+    @property
+    def drops_files(self) -> bool:
+        """Whether the source is a folder files are dropped into (no DICOM Q/R)."""
+        return self in (RetrieveMethod.FTP, RetrieveMethod.FOLDER)
+
+
+class RemoteAfter(StrEnum):
+    """What the gateway does with a file on an FTP source once its instance is delivered."""
+
+    KEEP = "keep"
+    DELETE = "delete"
+    MOVE = "move"
 
 
 class DeliveryMethod(StrEnum):
@@ -512,33 +528,71 @@ class DeliveryMethod(StrEnum):
 
 
 class GatewaySource(_Section):
-    """One PACS the gateway pulls exams from."""
+    """One PACS (or file drop) the gateway pulls exams from."""
 
-    aet: str
-    """The PACS's AE title. Required."""
+    aet: str | None = None
+    """The PACS's AE title. Required, except for ``ftp`` and ``folder`` sources."""
 
-    host: str
-    """Address of the PACS's DICOM port. Required."""
+    host: str | None = None
+    """Address of the PACS's DICOM port (``ftp``: of the FTP server). Required, except for
+    ``folder`` sources."""
 
     port: int = 104
-    """TCP port of the PACS's DICOM Query/Retrieve SCP."""
+    """TCP port of the PACS's DICOM Query/Retrieve SCP (``ftp``: of the FTP server; 21 when
+    not set)."""
 
     retrieve: RetrieveMethod = RetrieveMethod.MOVE
     """``move``: C-MOVE to the gateway's own Storage SCP (the PACS must list the gateway's
     AE title, address and ``gateway.scp_port`` as a destination); ``get``: C-GET, the
     images come back on the gateway's own association (no destination to configure, the
     PACS must allow C-GET for the gateway's AE); ``wado``: WADO-RS Retrieve Study from
-    ``wado_url``. Discovery is C-FIND in every case."""
+    ``wado_url``; ``wado-uri``: one WADO-URI request per instance to ``wado_uri_url``
+    (the instances listed by QIDO-RS at ``wado_url`` when set, else by C-FIND). Discovery is
+    C-FIND for these. ``ftp``: files dropped in ``ftp_path`` on the FTP server ``host``;
+    ``folder``: files dropped in the local ``folder``; both are found by listing, not by
+    C-FIND."""
 
     wado_url: str | None = None
-    """DICOMweb root of the PACS (for ``retrieve = "wado"``), e.g.
-    ``http://10.1.2.3:8042/dicom-web``."""
+    """DICOMweb root of the PACS (for ``retrieve = "wado"``; for ``wado-uri`` its QIDO-RS
+    lists the instances), e.g. ``http://10.1.2.3:8042/dicom-web``."""
+
+    wado_uri_url: str | None = None
+    """WADO-URI address of the PACS (for ``retrieve = "wado-uri"``), e.g.
+    ``http://10.1.2.3:8042/wado``."""
+
+    ftp_user: str = "anonymous"
+    """User name on the FTP server (``retrieve = "ftp"``)."""
+
+    ftp_password_env: str | None = None
+    """Name of the environment variable that holds the FTP password (the password itself
+    is never in the configuration), e.g. ``CLOUDFILM_FTP_PACS1_PASSWORD``."""
+
+    ftp_path: str = "/"
+    """Remote folder the PACS or modality drops DICOM files into: files directly in it, or
+    one sub-folder per study (one level)."""
+
+    ftp_tls: bool = False
+    """FTPS: ``AUTH TLS`` on the control connection and a protected data channel."""
+
+    ftp_after: RemoteAfter = RemoteAfter.KEEP
+    """What happens to a remote file once its instance is delivered: ``keep`` (the
+    gateway remembers it and does not fetch it again), ``delete``, or ``move`` into
+    ``ftp_done_path``."""
+
+    ftp_done_path: str | None = None
+    """Remote folder delivered files are moved into when ``ftp_after = "move"``."""
+
+    folder: Path | None = None
+    """Local folder watched for dropped DICOM files (``retrieve = "folder"``, e.g. a share
+    a modality writes to); taken files go to its ``done/`` sub-folder, unreadable ones to
+    ``failed/`` with a ``.reason.txt`` beside them."""
 
     modalities: list[str] = Field(default_factory=list)
     """Modalities to poll for (``["CT", "MR"]``); empty polls every modality."""
 
     poll_interval: float = Field(default=60.0, gt=0)
-    """Seconds between C-FIND polls of this source."""
+    """Seconds between polls of this source (a C-FIND, or a listing of the FTP or local
+    folder: a dropped file is taken once its size is the same in two listings)."""
 
     window_days: int = Field(default=1, ge=0)
     """How far back each poll looks, in days before the last poll's date (the overlap that
@@ -550,8 +604,29 @@ class GatewaySource(_Section):
 
     @field_validator("aet")
     @classmethod
-    def _check_source_aet(cls, value: str) -> str:
-        return _check_aet(value)
+    def _check_source_aet(cls, value: str | None) -> str | None:
+        return None if value is None else _check_aet(value)
+
+    @model_validator(mode="after")
+    def _check_source_kind(self) -> Self:
+        method = self.retrieve
+        if method is RetrieveMethod.FOLDER:
+            if self.folder is None:
+                raise ValueError('retrieve = "folder" needs the source\'s folder')
+            return self
+        if self.host is None:
+            raise ValueError(f'retrieve = "{method}" needs the source\'s host')
+        if method is RetrieveMethod.FTP:
+            if "port" not in self.model_fields_set:
+                self.port = 21
+            if self.ftp_after is RemoteAfter.MOVE and not self.ftp_done_path:
+                raise ValueError('ftp_after = "move" needs ftp_done_path')
+            return self
+        if self.aet is None:
+            raise ValueError(f'retrieve = "{method}" needs the PACS\'s AE title (aet)')
+        if method is RetrieveMethod.WADO_URI and not self.wado_uri_url:
+            raise ValueError('retrieve = "wado-uri" needs the source\'s wado_uri_url')
+        return self
 
 
 class GatewaySettings(_Section):

@@ -69,6 +69,8 @@ class PacsClient:
     def __init__(self, settings: GatewaySettings, source: GatewaySource) -> None:
         self.settings = settings
         self.source = source
+        self.aet = source.aet or ""
+        self.host = source.host or ""
 
     def _associate(self, context: str, *, store: Any = None) -> Any:
         """Associate for ``context``; with a ``store`` handler also propose every storage
@@ -89,16 +91,16 @@ class PacsClient:
             handlers.append((evt.EVT_C_STORE, store))
         start = time.monotonic()
         assoc = ae.associate(
-            self.source.host,
+            self.host,
             self.source.port,
-            ae_title=self.source.aet,
+            ae_title=self.aet,
             ext_neg=roles or None,
             evt_handlers=handlers or None,
         )
         message(
             "A-ASSOCIATE",
             direction="out",
-            peer=f"{self.source.aet}@{self.source.host}:{self.source.port}",
+            peer=f"{self.aet}@{self.host}:{self.source.port}",
             calling=self.settings.ae_title,
             context=str(context),
             result="accepted"
@@ -109,7 +111,7 @@ class PacsClient:
         if not assoc.is_established:
             what = "rejected" if assoc.is_rejected else "aborted or unreachable"
             raise PacsError(
-                f"association with {self.source.aet} at {self.source.host}:{self.source.port} "
+                f"association with {self.aet} at {self.host}:{self.source.port} "
                 f"{what}; check the source's AE title and port and that the PACS lists "
                 f"{self.settings.ae_title}"
             )
@@ -140,7 +142,7 @@ class PacsClient:
         message(
             "C-FIND-RQ",
             direction="out",
-            peer=self.source.aet,
+            peer=self.aet,
             level="STUDY",
             study_uid=study_instance_uid,
             study_date=study_date,
@@ -162,7 +164,7 @@ class PacsClient:
                     message(
                         "C-FIND-RSP",
                         direction="in",
-                        peer=self.source.aet,
+                        peer=self.aet,
                         status=f"0x{code & 0xFFFF:04X}",
                         matches=len(found),
                         ms=since(start),
@@ -173,11 +175,66 @@ class PacsClient:
         message(
             "C-FIND-RSP",
             direction="in",
-            peer=self.source.aet,
+            peer=self.aet,
             status="0x0000",
             matches=len(found),
             ms=since(start),
         )
+        return found
+
+    def find_instances(self, study_instance_uid: str) -> list[tuple[str, str]]:
+        """(Series Instance UID, SOP Instance UID) of every instance of one study: C-FIND at
+        SERIES level, then at IMAGE level per series, on one association (PS3.4 C.4.1.2.1:
+        the hierarchical model needs the series UID to ask for its instances)."""
+        assoc = self._associate(StudyRootQueryRetrieveInformationModelFind)
+        start = time.monotonic()
+        message(
+            "C-FIND-RQ",
+            direction="out",
+            peer=self.aet,
+            level="SERIES+IMAGE",
+            study_uid=study_instance_uid,
+        )
+        out: list[tuple[str, str]] = []
+        try:
+            query = Dataset()
+            query.QueryRetrieveLevel = "SERIES"
+            query.StudyInstanceUID = study_instance_uid
+            query.SeriesInstanceUID = ""
+            series = [str(a.SeriesInstanceUID) for a in self._matches(assoc, query)]
+            for series_uid in series:
+                query = Dataset()
+                query.QueryRetrieveLevel = "IMAGE"
+                query.StudyInstanceUID = study_instance_uid
+                query.SeriesInstanceUID = series_uid
+                query.SOPInstanceUID = ""
+                out.extend((series_uid, str(a.SOPInstanceUID)) for a in self._matches(assoc, query))
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        message(
+            "C-FIND-RSP",
+            direction="in",
+            peer=self.aet,
+            level="SERIES+IMAGE",
+            study_uid=study_instance_uid,
+            matches=len(out),
+            ms=since(start),
+        )
+        return out
+
+    @staticmethod
+    def _matches(assoc: Any, query: Dataset) -> list[Dataset]:
+        found: list[Dataset] = []
+        for status, answer in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+            code = int(getattr(status, "Status", -1))
+            if code in _PENDING and answer is not None:
+                found.append(answer)
+            elif code != _SUCCESS:
+                raise PacsError(
+                    f"C-FIND at {query.QueryRetrieveLevel} level failed with status "
+                    f"0x{code & 0xFFFF:04X}"
+                )
         return found
 
     def move_study(self, study_instance_uid: str) -> MoveResult:
@@ -187,7 +244,7 @@ class PacsClient:
             message(
                 "C-MOVE-RQ",
                 direction="out",
-                peer=self.source.aet,
+                peer=self.aet,
                 study_uid=study_instance_uid,
                 destination=self.settings.ae_title,
             )
@@ -196,7 +253,7 @@ class PacsClient:
                 self.settings.ae_title,
                 StudyRootQueryRetrieveInformationModelMove,
             )
-            return _final(responses, "C-MOVE", self.source.aet, study_instance_uid)
+            return _final(responses, "C-MOVE", self.aet, study_instance_uid)
         finally:
             if assoc.is_established:
                 assoc.release()
@@ -205,11 +262,11 @@ class PacsClient:
         """C-GET one study; ``store`` handles each C-STORE sub-operation (EVT_C_STORE)."""
         assoc = self._associate(StudyRootQueryRetrieveInformationModelGet, store=store)
         try:
-            message("C-GET-RQ", direction="out", peer=self.source.aet, study_uid=study_instance_uid)
+            message("C-GET-RQ", direction="out", peer=self.aet, study_uid=study_instance_uid)
             responses = assoc.send_c_get(
                 _study_query(study_instance_uid), StudyRootQueryRetrieveInformationModelGet
             )
-            return _final(responses, "C-GET", self.source.aet, study_instance_uid)
+            return _final(responses, "C-GET", self.aet, study_instance_uid)
         finally:
             if assoc.is_established:
                 assoc.release()

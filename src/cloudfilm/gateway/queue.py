@@ -439,6 +439,17 @@ class GatewayQueue:
             raise
         return True
 
+    def held(self, study_id: int) -> set[str]:
+        """SOP Instance UIDs already received for the study (not to be fetched again)."""
+        with self.db.read_session() as session:
+            return set(
+                session.scalars(
+                    select(GatewayInstance.sop_instance_uid).where(
+                        GatewayInstance.study_id == study_id
+                    )
+                )
+            )
+
     # ----------------------------------------------------------------- manual retry, status
 
     def retry(self, study_instance_uid: str | None = None) -> int:

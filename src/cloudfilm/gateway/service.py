@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from cloudfilm.clock import Clock
 from cloudfilm.config import DeliveryMethod, GatewaySource, RetrieveMethod, Settings
 from cloudfilm.errors import NotFound
-from cloudfilm.gateway import wado
+from cloudfilm.gateway import wado, wado_uri
 from cloudfilm.gateway.api import APIServer
 from cloudfilm.gateway.delivery import ArchiveClient, CStoreClient, DeliveryError, StowOutcome
 from cloudfilm.gateway.messages import close_message_log, open_message_log
@@ -158,6 +158,16 @@ class Gateway:
                 )
                 self.queue.retrieved(job, received_by_move=received or None)
                 return job
+            if source.retrieve is RetrieveMethod.WADO_URI:
+                listed = wado_uri.retrieve_study(
+                    self.gw,
+                    source,
+                    job.study_instance_uid,
+                    self._keep_wado,
+                    held=self.queue.held(job.study_id),
+                )
+                self.queue.retrieved(job, received_by_move=listed or None)
+                return job
             client = PacsClient(self.gw, source)
             if source.retrieve is RetrieveMethod.GET:
                 result = client.get_study(
@@ -190,7 +200,7 @@ class Gateway:
                 sop_class_uid=str(header.SOPClassUID),
             )
         except Rejected as exc:  # the PACS answered with another study's object
-            raise PacsError(f"WADO-RS: {exc}") from exc
+            raise PacsError(f"WADO: {exc}") from exc
 
     # ----------------------------------------------------------------- delivery
 
