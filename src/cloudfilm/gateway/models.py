@@ -127,6 +127,25 @@ class Attempt(GatewayBase):
     detail: Mapped[str | None] = mapped_column(Text)
 
 
+class RemoteFile(GatewayBase):
+    """A file taken from an FTP source: not fetched again while its size is the same, and
+    removed from the server once its instance is delivered (``ftp_after``)."""
+
+    __tablename__ = "gw_remote_file"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(String(64), index=True)
+    path: Mapped[str] = mapped_column(String(1000))
+    size: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    """``taken`` (in the spool or delivered), ``failed`` (not DICOM; kept on the server) or
+    ``removed`` (deleted or moved away on the server after delivery)."""
+    # (0008,0018) SOP Instance UID | VR UI, VM 1; empty when the file was not DICOM
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    taken_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 def create_schema(engine: Engine) -> None:
     """Create the gateway's tables that do not exist yet."""
     GatewayBase.metadata.create_all(engine)

@@ -34,6 +34,7 @@ from cloudfilm.gateway.models import (
     GatewayInstance,
     GatewayStudy,
     InstanceState,
+    RemoteFile,
     SourceState,
     Step,
     StudyState,
@@ -448,6 +449,79 @@ class GatewayQueue:
                         GatewayInstance.study_id == study_id
                     )
                 )
+            )
+
+    def arrived_late(self, study_instance_uid: str) -> None:
+        """A new instance of a delivered study came in (a file dropped later): deliver again."""
+        now = self.clock.now()
+        with self.db.session() as session:
+            study = session.scalars(
+                select(GatewayStudy).where(GatewayStudy.study_instance_uid == study_instance_uid)
+            ).one_or_none()
+            if study is not None and study.state == StudyState.DELIVERED:
+                study.state, study.step, study.attempts = StudyState.RETRIEVED, Step.DELIVER, 0
+                study.next_attempt_at, study.updated_at = None, now
+
+    # ----------------------------------------------------------------- remote files (FTP)
+
+    def remote_files(self, source: str) -> dict[str, int]:
+        """Path → size of the files taken (or refused) from an FTP source and still there."""
+        with self.db.read_session() as session:
+            return dict(
+                session.execute(
+                    select(RemoteFile.path, RemoteFile.size).where(
+                        RemoteFile.source == source, RemoteFile.state != "removed"
+                    )
+                ).all()
+            )
+
+    def remote_taken(
+        self,
+        source: str,
+        path: str,
+        size: int,
+        *,
+        sop_instance_uid: str | None,
+        error: str | None = None,
+    ) -> None:
+        """Record a file taken from (or refused on) an FTP source."""
+        now = self.clock.now()
+        with self.db.session() as session:
+            row = session.scalars(
+                select(RemoteFile).where(RemoteFile.source == source, RemoteFile.path == path)
+            ).one_or_none()
+            if row is None:
+                row = RemoteFile(source=source, path=path)
+                session.add(row)
+            row.size, row.sop_instance_uid, row.taken_at = size, sop_instance_uid, now
+            row.state = "failed" if error else "taken"
+            row.last_error = error[:2000] if error else None
+
+    def remote_delivered(self, source: str) -> list[str]:
+        """Paths of taken files whose instance has reached the archive."""
+        with self.db.read_session() as session:
+            return list(
+                session.scalars(
+                    select(RemoteFile.path)
+                    .join(
+                        GatewayInstance,
+                        GatewayInstance.sop_instance_uid == RemoteFile.sop_instance_uid,
+                    )
+                    .where(
+                        RemoteFile.source == source,
+                        RemoteFile.state == "taken",
+                        GatewayInstance.state == InstanceState.DELIVERED,
+                    )
+                    .order_by(RemoteFile.id)
+                )
+            )
+
+    def remote_removed(self, source: str, path: str) -> None:
+        with self.db.session() as session:
+            session.execute(
+                update(RemoteFile)
+                .where(RemoteFile.source == source, RemoteFile.path == path)
+                .values(state="removed")
             )
 
     # ----------------------------------------------------------------- manual retry, status

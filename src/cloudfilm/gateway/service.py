@@ -7,6 +7,7 @@ outcome there, so the loop can stop at any instruction and start again.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -15,12 +16,19 @@ from datetime import date, datetime, timedelta
 from pydicom.dataset import Dataset
 
 from cloudfilm.clock import Clock
-from cloudfilm.config import DeliveryMethod, GatewaySource, RetrieveMethod, Settings
+from cloudfilm.config import (
+    DeliveryMethod,
+    GatewaySource,
+    RemoteAfter,
+    RetrieveMethod,
+    Settings,
+)
 from cloudfilm.errors import NotFound
 from cloudfilm.gateway import wado, wado_uri
 from cloudfilm.gateway.api import APIServer
 from cloudfilm.gateway.delivery import ArchiveClient, CStoreClient, DeliveryError, StowOutcome
-from cloudfilm.gateway.messages import close_message_log, open_message_log
+from cloudfilm.gateway.drops import Drop, DropError, Incomplete, NotDicom, open_drop, parse
+from cloudfilm.gateway.messages import close_message_log, message, open_message_log
 from cloudfilm.gateway.models import Step
 from cloudfilm.gateway.pacs import PacsClient, PacsError, StorageSCP, spool_received
 from cloudfilm.gateway.queue import FoundStudy, GatewayQueue, Job, Outgoing, Rejected
@@ -50,6 +58,8 @@ class Gateway:
         self.scp = StorageSCP(self.gw, self.queue)
         self.api: APIServer | None = None
         self._next_poll: dict[str, float] = {}
+        self._sizes: dict[str, dict[str, int]] = {}
+        """Per file-drop source: path → size at the last listing (stability check)."""
 
     def start(self) -> None:
         """Recover interrupted steps, then listen for C-STORE."""
@@ -97,6 +107,8 @@ class Gateway:
         PACS learns about late are still found; studies already queued are skipped.
         """
         source = self.source(name)
+        if source.retrieve.drops_files:
+            return self.poll_drop(name)
         today = today or datetime.now().astimezone().date()
         state = self.queue.source_state(name)
         mark = state.polled_through if state and state.polled_through else source.since
@@ -117,6 +129,93 @@ class Gateway:
         self.queue.polled(name, through=f"{today:%Y%m%d}")
         return new
 
+    def poll_drop(self, name: str) -> int:
+        """One listing of a file-drop source (FTP or local folder); how many studies are new.
+
+        Files whose size is the same as at the previous listing are taken: read, checked,
+        spooled, their study queued. An FTP source first removes the files already delivered
+        (``ftp_after``).
+        """
+        source = self.source(name)
+        try:
+            drop = open_drop(self.gw, source)
+        except DropError as exc:
+            self.queue.polled(name, through=None, error=str(exc))
+            logger.warning("gateway: poll of %s failed: %s", name, exc)
+            return 0
+        new = 0
+        try:
+            remote = source.retrieve is RetrieveMethod.FTP
+            if remote and source.ftp_after is not RemoteAfter.KEEP:
+                for path in self.queue.remote_delivered(name):
+                    drop.remove(path)
+                    self.queue.remote_removed(name, path)
+            listing = drop.listing()
+            previous = self._sizes.get(name, {})
+            self._sizes[name] = listing
+            known = self.queue.remote_files(name) if remote else {}
+            for path, size in sorted(listing.items()):
+                if known.get(path) == size or size == 0 or previous.get(path) != size:
+                    continue  # taken already, empty, or still being written
+                new += self._take(name, drop, path, size)
+        except DropError as exc:
+            self.queue.polled(name, through=None, error=str(exc))
+            logger.warning("gateway: poll of %s failed: %s", name, exc)
+            return new
+        finally:
+            drop.close()
+        self.queue.polled(name, through=None)
+        return new
+
+    def _take(self, name: str, drop: Drop, path: str, size: int) -> int:
+        """Take one stable file; 1 when its study is new to the queue."""
+        remote = self.source(name).retrieve is RetrieveMethod.FTP
+        digest = hashlib.sha256(f"{name}\0{path}".encode()).hexdigest()[:32]
+        partial = self.gw.data_dir / "incoming" / name / f"{digest}.part"
+        try:
+            data = drop.fetch(path, size, partial)
+        except Incomplete as exc:
+            logger.warning("gateway: %s: %s", name, exc)
+            return 0
+        except OSError as exc:
+            logger.warning("gateway: %s: %s could not be read: %s", name, path, exc)
+            return 0
+        try:
+            header = parse(data)
+        except NotDicom as exc:
+            reason = f"{path}: {exc}"
+            message("FILE-REFUSED", direction="in", peer=name, file=path, size=size,
+                    reason=str(exc))  # fmt: skip
+            logger.warning("gateway: %s: refused %s", name, reason)
+            if remote:
+                self.queue.remote_taken(name, path, size, sop_instance_uid=None, error=reason)
+            drop.refused(path, reason)
+            partial.unlink(missing_ok=True)
+            return 0
+        study_uid, sop_uid = str(header.StudyInstanceUID), str(header.SOPInstanceUID)
+        modality = str(header.get("Modality") or "") or None
+        found = FoundStudy(
+            study_instance_uid=study_uid,
+            accession_number=str(header.get("AccessionNumber") or "") or None,
+            study_date=str(header.get("StudyDate") or "") or None,
+            modalities=modality,
+        )
+        new = self.queue.discover(name, found)
+        if self.queue.accept(
+            data,
+            study_instance_uid=study_uid,
+            sop_instance_uid=sop_uid,
+            sop_class_uid=str(header.SOPClassUID),
+        ):
+            self.queue.arrived_late(study_uid)
+        if remote:
+            self.queue.remote_taken(name, path, size, sop_instance_uid=sop_uid)
+        drop.taken(path)
+        partial.unlink(missing_ok=True)
+        message("FILE", direction="in", peer=name, file=path, size=size, study_uid=study_uid,
+                sop_uid=sop_uid)  # fmt: skip
+        return int(new)
+
     def fetch(
         self,
         name: str,
@@ -129,7 +228,13 @@ class Gateway:
         """A manual request (back-fill): find the studies and queue them outside the schedule."""
         if not (study_instance_uid or accession_number or patient_id or study_date):
             raise ValueError("name a study UID, an accession number, a patient ID or dates")
-        client = PacsClient(self.gw, self.source(name))
+        source = self.source(name)
+        if source.retrieve.drops_files:
+            raise ValueError(
+                f"source {name!r} is a {source.retrieve} drop: its files are taken as they "
+                "come, there is no PACS to ask"
+            )
+        client = PacsClient(self.gw, source)
         found = client.find_studies(
             study_instance_uid=study_instance_uid,
             accession_number=accession_number,
@@ -152,6 +257,10 @@ class Gateway:
             self.queue.step_failed(job, str(exc))
             return job
         try:
+            if source.retrieve.drops_files:
+                # The files were read into the spool when the listing found them.
+                self.queue.retrieved(job)
+                return job
             if source.retrieve is RetrieveMethod.WADO:
                 received = wado.retrieve_study(
                     self.gw, source, job.study_instance_uid, self._keep_wado

@@ -1,0 +1,294 @@
+"""File-drop sources: an FTP folder (``retrieve = "ftp"``) and a watched local folder
+(``retrieve = "folder"``) where a PACS or a modality leaves DICOM files.
+
+Both are polled by listing (no inotify): a file is taken only when its size is the same in
+two listings ``poll_interval`` apart, so a file still being written is left alone. A taken
+file is read (FTP: downloaded into ``data_dir/incoming/<source>/`` with ``REST``, so a
+transfer that breaks resumes where it stopped at the next poll), checked to be a complete
+DICOM object, then kept in the spool by :meth:`GatewayQueue.accept` and its study queued as
+if a C-FIND had found it. Files directly in the folder and in one level of sub-folders (one
+per study, as many PACS export them) are listed.
+
+After the take: a local file moves to ``done/`` (or to ``failed/`` with a ``.reason.txt``);
+a remote file stays where it is (the gateway remembers it by path and size), or is deleted
+or moved once its instance is delivered (``ftp_after``).
+"""
+
+from __future__ import annotations
+
+import ftplib
+import io
+import os
+import shutil
+import warnings
+from pathlib import Path, PurePosixPath
+from typing import Protocol
+
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+
+from cloudfilm.config import GatewaySettings, GatewaySource, RemoteAfter, RetrieveMethod
+from cloudfilm.gateway.messages import message
+
+_UNDEFINED = 0xFFFFFFFF
+_SKIP_SUFFIXES = (".part", ".tmp", ".partial", ".filepart", ".reason.txt")
+DONE, FAILED = "done", "failed"
+
+
+class DropError(Exception):
+    """The drop cannot be reached or listed (the whole poll fails)."""
+
+
+class Incomplete(Exception):
+    """A file could not be read whole this time (transfer broken); tried again later."""
+
+
+class NotDicom(Exception):
+    """A stable file that is not a complete DICOM object."""
+
+
+class Drop(Protocol):
+    def listing(self) -> dict[str, int]: ...
+
+    def fetch(self, path: str, size: int, partial: Path) -> bytes: ...
+
+    def taken(self, path: str) -> None: ...
+
+    def refused(self, path: str, reason: str) -> None: ...
+
+    def remove(self, path: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def open_drop(settings: GatewaySettings, source: GatewaySource) -> Drop:
+    if source.retrieve is RetrieveMethod.FOLDER:
+        assert source.folder is not None  # checked by the settings
+        return FolderDrop(source.folder)
+    return FtpDrop(settings, source)
+
+
+def _listed(name: str) -> bool:
+    return not name.startswith(".") and not name.lower().endswith(_SKIP_SUFFIXES)
+
+
+def parse(data: bytes) -> Dataset:
+    """The dataset of a complete DICOM file.
+
+    pydicom reads a file cut short without complaint (the last value just comes out
+    shorter), so every top-level element's value is checked against its declared length.
+
+    Raises
+    ------
+    NotDicom
+        Not DICOM, or cut short.
+    """
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(io.BytesIO(data))
+            for item in caught:
+                if "End of file" in str(item.message):  # an undefined length cut short
+                    raise NotDicom(f"cut short: {item.message}")
+        for tag in ds.keys():
+            raw = ds.get_item(tag)
+            if isinstance(raw, RawDataElement) and raw.length != _UNDEFINED:
+                if raw.value is not None and len(raw.value) < raw.length:
+                    raise NotDicom(
+                        f"cut short: element {tag} declares {raw.length} bytes, "
+                        f"the file holds {len(raw.value)}"
+                    )
+        uids = (ds.StudyInstanceUID, ds.SOPInstanceUID, ds.SOPClassUID)
+    except NotDicom:
+        raise
+    except Exception as exc:
+        raise NotDicom(f"not a DICOM file ({type(exc).__name__}: {exc})") from exc
+    if not all(str(uid) for uid in uids):
+        raise NotDicom("no Study, SOP Instance or SOP Class UID")
+    return ds
+
+
+class FolderDrop:
+    """A local folder (a share the modality writes to)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def listing(self) -> dict[str, int]:
+        if not self.root.is_dir():
+            raise DropError(f"the watch folder {self.root} does not exist")
+        out: dict[str, int] = {}
+        for entry in self.root.iterdir():
+            if not _listed(entry.name) or entry.name in (DONE, FAILED):
+                continue
+            if entry.is_dir():
+                for inner in entry.iterdir():
+                    if _listed(inner.name) and inner.is_file():
+                        out[f"{entry.name}/{inner.name}"] = inner.stat().st_size
+            elif entry.is_file():
+                out[entry.name] = entry.stat().st_size
+        return out
+
+    def fetch(self, path: str, size: int, partial: Path) -> bytes:  # noqa: ARG002
+        data = (self.root / path).read_bytes()
+        if len(data) != size:
+            raise Incomplete(f"{path} changed size while read ({len(data)}, listed {size})")
+        return data
+
+    def _move(self, path: str, folder: str) -> Path:
+        target = self.root / folder / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():  # the same name dropped twice: keep both
+            target = target.with_name(f"{target.name}.{os.urandom(4).hex()}")
+        shutil.move(self.root / path, target)
+        parent = (self.root / path).parent
+        if parent != self.root and not any(parent.iterdir()):
+            parent.rmdir()
+        return target
+
+    def taken(self, path: str) -> None:
+        self._move(path, DONE)
+
+    def refused(self, path: str, reason: str) -> None:
+        target = self._move(path, FAILED)
+        target.with_name(target.name + ".reason.txt").write_text(reason + "\n", encoding="utf-8")
+
+    def remove(self, path: str) -> None:  # noqa: ARG002 - local files move at once
+        return
+
+    def close(self) -> None:
+        return
+
+
+class FtpDrop:
+    """A folder on an FTP (or FTPS) server, with ftplib."""
+
+    def __init__(self, settings: GatewaySettings, source: GatewaySource) -> None:
+        self.source = source
+        self.root = PurePosixPath(source.ftp_path or "/")
+        self.peer = f"ftp://{source.host}:{source.port}{self.root}"
+        password = ""
+        if source.ftp_password_env:
+            if source.ftp_password_env not in os.environ:
+                raise DropError(f"the FTP password variable {source.ftp_password_env} is not set")
+            password = os.environ[source.ftp_password_env]
+        ftp: ftplib.FTP = ftplib.FTP_TLS() if source.ftp_tls else ftplib.FTP()
+        try:
+            ftp.connect(source.host or "", source.port, timeout=settings.network_timeout)
+            ftp.login(source.ftp_user, password)
+            if isinstance(ftp, ftplib.FTP_TLS):
+                ftp.prot_p()
+        except (OSError, EOFError, ftplib.Error) as exc:
+            ftp.close()
+            message("FTP-LOGIN", direction="out", peer=self.peer, result=str(exc)[:200])
+            raise DropError(f"FTP {self.peer}: {type(exc).__name__}: {exc}") from exc
+        self.ftp = ftp
+
+    def _entries(self, folder: PurePosixPath) -> list[tuple[str, str, int]]:
+        """(name, "file"/"dir", size) in ``folder``: MLSD (RFC 3659), else LIST-less NLST +
+        SIZE."""
+        try:
+            out = []
+            for name, facts in self.ftp.mlsd(str(folder), facts=["type", "size"]):
+                kind = facts.get("type", "")
+                if kind in ("file", "dir"):
+                    out.append((name, kind, int(facts.get("size", 0) or 0)))
+            return out
+        except ftplib.error_perm as exc:
+            if not str(exc).startswith(("500", "502")):
+                raise
+        out = []
+        self.ftp.voidcmd("TYPE I")
+        for full in self.ftp.nlst(str(folder)):
+            name = PurePosixPath(full).name
+            try:
+                size = self.ftp.size(str(folder / name))
+            except ftplib.error_perm:  # a folder has no size
+                out.append((name, "dir", 0))
+                continue
+            out.append((name, "file", int(size or 0)))
+        return out
+
+    def listing(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        try:
+            for name, kind, size in self._entries(self.root):
+                if not _listed(name):
+                    continue
+                if kind == "file":
+                    out[name] = size
+                    continue
+                for inner, inner_kind, inner_size in self._entries(self.root / name):
+                    if inner_kind == "file" and _listed(inner):
+                        out[f"{name}/{inner}"] = inner_size
+        except (OSError, EOFError, ftplib.Error) as exc:
+            raise DropError(f"FTP listing of {self.peer}: {type(exc).__name__}: {exc}") from exc
+        return out
+
+    def fetch(self, path: str, size: int, partial: Path) -> bytes:
+        """Download ``path`` into ``partial``, resuming (``REST``) what an earlier attempt
+        left there; the bytes once the file holds all ``size`` of them."""
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        offset = partial.stat().st_size if partial.exists() else 0
+        if offset > size:  # the remote file was replaced by a shorter one: start again
+            partial.unlink()
+            offset = 0
+        error: str | None = None
+        with partial.open("ab") as out:
+            if offset < size:
+                try:
+                    self.ftp.retrbinary(f"RETR {self.root / path}", out.write, rest=offset or None)
+                except (TimeoutError, OSError, EOFError, ftplib.Error) as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+            out.flush()
+            os.fsync(out.fileno())
+        got = partial.stat().st_size
+        message(
+            "FTP-RETR",
+            direction="in",
+            peer=self.peer,
+            file=path,
+            offset=offset,
+            bytes=got - offset,
+            size=size,
+            result="ok" if got == size and error is None else (error or "short"),
+        )
+        if got != size:
+            raise Incomplete(
+                f"{path}: {got} of {size} bytes after the transfer"
+                + (f" ({error})" if error else "")
+                + "; resumed at the next poll"
+            )
+        return partial.read_bytes()
+
+    def taken(self, path: str) -> None:  # noqa: ARG002 - removed after delivery, if at all
+        return
+
+    def refused(self, path: str, reason: str) -> None:  # noqa: ARG002 - the queue remembers
+        return
+
+    def remove(self, path: str) -> None:
+        """After delivery: delete the remote file or move it into ``ftp_done_path``."""
+        remote = str(self.root / path)
+        try:
+            if self.source.ftp_after is RemoteAfter.DELETE:
+                self.ftp.delete(remote)
+            elif self.source.ftp_after is RemoteAfter.MOVE:
+                target = PurePosixPath(self.source.ftp_done_path or "/done") / path
+                if target.parent != PurePosixPath(self.source.ftp_done_path or "/done"):
+                    try:
+                        self.ftp.mkd(str(target.parent))
+                    except ftplib.error_perm:
+                        pass  # it exists
+                self.ftp.rename(remote, str(target))
+        except ftplib.Error as exc:
+            raise DropError(f"FTP {self.source.ftp_after} of {path}: {exc}") from exc
+        message("FTP-" + str(self.source.ftp_after).upper(), direction="out", peer=self.peer,
+                file=path)  # fmt: skip
+
+    def close(self) -> None:
+        try:
+            self.ftp.quit()
+        except (OSError, EOFError, ftplib.Error):
+            self.ftp.close()
