@@ -275,10 +275,13 @@ class FtpDrop:
             if self.source.ftp_after is RemoteAfter.DELETE:
                 self.ftp.delete(remote)
             elif self.source.ftp_after is RemoteAfter.MOVE:
-                target = PurePosixPath(self.source.ftp_done_path or "/done") / path
-                if target.parent != PurePosixPath(self.source.ftp_done_path or "/done"):
+                done = PurePosixPath(self.source.ftp_done_path or "/done")
+                target = done / path
+                folder = PurePosixPath(done.anchor or ".")
+                for part in target.parent.parts[len(folder.parts) :]:
+                    folder = folder / part
                     try:
-                        self.ftp.mkd(str(target.parent))
+                        self.ftp.mkd(str(folder))
                     except ftplib.error_perm:
                         pass  # it exists
                 self.ftp.rename(remote, str(target))

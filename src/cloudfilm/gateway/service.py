@@ -148,7 +148,11 @@ class Gateway:
             remote = source.retrieve is RetrieveMethod.FTP
             if remote and source.ftp_after is not RemoteAfter.KEEP:
                 for path in self.queue.remote_delivered(name):
-                    drop.remove(path)
+                    try:
+                        drop.remove(path)
+                    except DropError as exc:  # left there; tried again at the next poll
+                        logger.warning("gateway: %s: %s", name, exc)
+                        continue
                     self.queue.remote_removed(name, path)
             listing = drop.listing()
             previous = self._sizes.get(name, {})
