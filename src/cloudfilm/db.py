@@ -101,9 +101,12 @@ class Database:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.engine = create_db_engine(settings)
-        self.session_factory = sessionmaker(self.engine, expire_on_commit=False)
+        # Sessions carry the settings: domain code that needs a key derived from the
+        # application secret (the MPI's sealed identifiers) finds them in ``session.info``.
+        info = {"settings": settings}
+        self.session_factory = sessionmaker(self.engine, expire_on_commit=False, info=info)
         self._readonly_engine = self.engine.execution_options(**{_READONLY: True})
-        self.read_factory = sessionmaker(self._readonly_engine, expire_on_commit=False)
+        self.read_factory = sessionmaker(self._readonly_engine, expire_on_commit=False, info=info)
         self._single_engine = (
             self._readonly_engine
             if self.is_sqlite

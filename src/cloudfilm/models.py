@@ -23,6 +23,7 @@ from cloudfilm.auth.models import (
 )
 from cloudfilm.db import Base
 from cloudfilm.hl7.models import HL7Message
+from cloudfilm.mpi.models import Person, PersonHistory, PersonIdentifier, PersonMerge
 from cloudfilm.storage.models import Alarm, MirrorPending, StorageSample
 
 __all__ = [
@@ -40,6 +41,10 @@ __all__ = [
     "MirrorPending",
     "PasswordHistory",
     "Patient",
+    "Person",
+    "PersonHistory",
+    "PersonIdentifier",
+    "PersonMerge",
     "Role",
     "SecuritySetting",
     "Series",

@@ -31,7 +31,7 @@ ADT = (
 )
 
 
-def test_serve_mllp__messages_listed_and_replay_reports_no_handler(tmp_path: Path) -> None:
+def test_serve_mllp__messages_listed_and_replayed(tmp_path: Path) -> None:
     data_dir = str(tmp_path / "var")
     port = free_port()
     process = subprocess.Popen(
@@ -57,13 +57,13 @@ def test_serve_mllp__messages_listed_and_replay_reports_no_handler(tmp_path: Pat
         process.communicate(timeout=60)
     listed = _cli("hl7", "messages", "--data-dir", data_dir, "--type", "ADT")
     assert listed.returncode == 0, listed.stderr
-    assert "CLI0001" in listed.stdout and "received" in listed.stdout
+    assert "CLI0001" in listed.stdout and "processed" in listed.stdout
     assert "张三丰" not in listed.stdout
     empty = _cli("hl7", "messages", "--data-dir", data_dir, "--status", "failed")
     assert "CLI0001" not in empty.stdout
     replay = _cli("hl7", "replay", "1", "--data-dir", data_dir)
-    assert replay.returncode == 1
-    assert "no handler is registered for ADT^A01" in replay.stdout
+    assert replay.returncode == 0, replay.stdout + replay.stderr
+    assert "#1 ADT^A01: processed" in replay.stdout
 
 
 def test_serve__refuses_plain_mllp_off_loopback_in_production(tmp_path: Path) -> None:

@@ -28,8 +28,10 @@ PDF = b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n" * 20
 
 
 def message(kind: str, control_id: str, encoding: str = "utf-8", name: str = "张三丰",
-            charset: str | None = None, facility: str = "人民医院") -> bytes:  # fmt: skip
-    """One HL7 v2.5 message of type ``kind`` (``ADT^A01`` ...), encoded as a sender would."""
+            charset: str | None = None, facility: str = "人民医院",
+            prior: str = "POLD001") -> bytes:  # fmt: skip
+    """One HL7 v2.5 message of type ``kind`` (``ADT^A01`` ...), encoded as a sender would;
+    the patient is ``P<control_id>``, an A40 merges patient ``prior`` into it."""
     msh18 = CHARSET[encoding] if charset is None else charset
     structure = {"ADT^A01": "ADT_A01", "ADT^A08": "ADT_A01", "ADT^A40": "ADT_A39",
                  "ORM^O01": "ORM_O01", "ORU^R01": "ORU_R01"}.get(kind, "")  # fmt: skip
@@ -41,7 +43,7 @@ def message(kind: str, control_id: str, encoding: str = "utf-8", name: str = "�
         "PV1|1|O|放射科^^^人民医院",
     ]
     if kind == "ADT^A40":
-        segments.append("MRG|POLD001^^^HIS^PI")
+        segments.append(f"MRG|{prior}^^^HIS^PI")
     if kind == "ORM^O01":
         segments += ["ORC|NW|ORD1|ACC1", "OBR|1|ORD1|ACC1|CT001^胸部CT平扫"]
     if kind == "ORU^R01":
@@ -101,7 +103,9 @@ def test_listener__day_of_messages_acked_after_store(
     with MLLPClient("127.0.0.1", listener.port, encoding=encoding) as client:
         for n, kind in enumerate(DAY * 2):  # many messages on one connection
             control_id = f"{encoding[:2].upper()}{n:04d}"
-            raw = message(kind, control_id, encoding, name=NAMES[n % len(NAMES)])
+            # The day's A40 merges the patient its A01 registered into a new one.
+            first = f"P{encoding[:2].upper()}{n - n % len(DAY):04d}"
+            raw = message(kind, control_id, encoding, name=NAMES[n % len(NAMES)], prior=first)
             sent[control_id] = raw
             ack = parse_ack(client.send_message(raw), encoding)
             assert str(ack.segment("MSA")[1]) == "AA"
@@ -115,7 +119,9 @@ def test_listener__day_of_messages_acked_after_store(
     stored = rows(archive)
     assert {row.control_id: row.raw for row in stored} == sent
     assert {row.encoding for row in stored} == {encoding}
-    assert {row.status for row in stored} == {"received"}  # no handler registered yet
+    # ADT applied to the patient index; orders and reports wait for their handlers.
+    assert {row.status for row in stored if row.message_type.startswith("ADT")} == {"processed"}
+    assert {row.status for row in stored if row.message_type[:3] in ("ORM", "ORU")} == {"received"}
     assert {row.message_type for row in stored} == set(DAY)
     with archive.db.read_session() as session:
         audited = session.scalar(
@@ -141,6 +147,7 @@ def test_listener__gb18030_without_msh18_falls_back(
 
 def test_listener__duplicate_processed_once(archive: Archive, listener: HL7Listener) -> None:
     calls: list[str] = []
+    previous = handlers.handler_for("ADT^A01")
 
     @handlers.register("ADT^A01")
     def count(*, session: Any, message: Any, record: HL7Message) -> None:  # noqa: ARG001
@@ -164,6 +171,8 @@ def test_listener__duplicate_processed_once(archive: Archive, listener: HL7Liste
         assert len(calls) == 2
     finally:
         handlers.unregister("ADT^A01")
+        if previous is not None:
+            handlers.register("ADT^A01")(previous)
 
 
 def test_listener__bad_input_answered_and_listener_keeps_serving(
@@ -208,7 +217,7 @@ def test_listener__bad_input_answered_and_listener_keeps_serving(
     assert str(ack.segment("MSA")[1]) == "AA"
 
     stored = {row.control_id: row for row in rows(archive)}
-    assert stored["OK1"].status == "received"
+    assert stored["OK1"].status == "processed"
     assert "T1" not in stored and "BIG" not in stored
     assert stored["U1"].status == "failed" and stored["U1"].ack_code == "AE"
     assert stored["S1"].ack_code == "AR"
@@ -227,7 +236,7 @@ def test_listener__restart_loses_nothing_acked(archive: Archive) -> None:
     try:
         with MLLPClient("127.0.0.1", port) as client:
             for n in range(3):
-                ack = parse_ack(client.send_message(message(DAY[n], f"R{n}")))
+                ack = parse_ack(client.send_message(message(DAY[n], f"R{n}", prior="PR0")))
                 assert str(ack.segment("MSA")[1]) == "AA"
                 acked.append(f"R{n}")
     finally:
@@ -237,7 +246,7 @@ def test_listener__restart_loses_nothing_acked(archive: Archive) -> None:
     try:
         with MLLPClient("127.0.0.1", port) as client:
             for n in range(2, 5):  # R2 again: the sender did not see its ACK
-                ack = parse_ack(client.send_message(message(DAY[n], f"R{n}")))
+                ack = parse_ack(client.send_message(message(DAY[n], f"R{n}", prior="PR0")))
                 assert str(ack.segment("MSA")[1]) == "AA"
                 acked.append(f"R{n}")
     finally:
@@ -269,7 +278,9 @@ def test_listener__python_hl7_asyncio_client(archive: Archive, listener: HL7List
         )
         acks = []
         for n in range(20):
-            text = message(DAY[n % len(DAY)], f"AS{n:03d}", "gb18030").decode("gb18030")
+            first = f"PAS{n - n % len(DAY):03d}"  # each A40 merges its cycle's A01 patient
+            raw = message(DAY[n % len(DAY)], f"AS{n:03d}", "gb18030", prior=first)
+            text = raw.decode("gb18030")
             writer.writemessage(hl7.parse(text))
             await writer.drain()
             acks.append(await reader.readmessage())

@@ -83,3 +83,7 @@ class AuditEventType(StrEnum):
     """An HL7 v2 message came in over MLLP (``detail``: control ID, type, ACK code)."""
     HL7_MESSAGE_REPLAYED = "hl7-message-replayed"
     """An operator re-ran the handlers of a stored HL7 message."""
+    PATIENT_MERGED = "patient-merged"
+    """Two persons of the patient master index were merged (ADT A40 or the API)."""
+    PATIENT_UNMERGED = "patient-unmerged"
+    """A merge of the patient master index was reversed."""

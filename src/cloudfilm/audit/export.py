@@ -74,6 +74,8 @@ EVENT_CODES: dict[str, tuple[Code, Code | None]] = {
     AuditEventType.ORPHANS_REMOVED: (_APPLICATION_ACTIVITY, None),
     AuditEventType.HL7_MESSAGE_RECEIVED: (_PATIENT_RECORD, None),
     AuditEventType.HL7_MESSAGE_REPLAYED: (_PATIENT_RECORD, None),
+    AuditEventType.PATIENT_MERGED: (_PATIENT_RECORD, None),
+    AuditEventType.PATIENT_UNMERGED: (_PATIENT_RECORD, None),
     AuditEventType.RETRIEVE: (_INSTANCES_TRANSFERRED, None),
     AuditEventType.QUERY: (Code("110112", "Query"), None),
     AuditEventType.ASSOCIATION_REJECTED: (_SECURITY_ALERT, Code("110126", "Node Authentication")),

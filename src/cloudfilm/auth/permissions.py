@@ -41,6 +41,10 @@ class Permission(StrEnum):
     """Search the audit trail and verify its chain (audit administrator)."""
     AUDIT_EXPORT = "audit:export"
     """Export the audit trail as CSV, FHIR AuditEvent or DICOM audit messages."""
+    PATIENT_READ = "patient:read"
+    """Look patients up in the master index (PIX, PDQ) and read their identifiers."""
+    PATIENT_MERGE = "patient:merge"
+    """Merge and unmerge patients of the master index."""
 
     @property
     def label(self) -> str:
@@ -67,6 +71,8 @@ _LABELS = {
     Permission.POLICY_MANAGE: "安全策略 Security policy",
     Permission.AUDIT_READ: "审计查询 Read audit trail",
     Permission.AUDIT_EXPORT: "审计导出 Export audit trail",
+    Permission.PATIENT_READ: "患者主索引查询 Look up patients",
+    Permission.PATIENT_MERGE: "患者合并与拆分 Merge patients",
 }
 
 _RESERVED = {

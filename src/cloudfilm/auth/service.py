@@ -35,6 +35,8 @@ CLIENT_SCOPES = frozenset(
         Permission.STUDY_DOWNLOAD,
         Permission.STUDY_STORE,
         Permission.ARCHIVE_STATS,
+        Permission.PATIENT_READ,
+        Permission.PATIENT_MERGE,
     }
 )
 

@@ -1,11 +1,13 @@
-"""The registry of message handlers: what runs after a message is stored and acknowledged.
+"""The registry of message handlers: what runs after a message is stored, before it is
+acknowledged (a handler's :class:`~cloudfilm.hl7.messages.MessageError` becomes the AE).
 
 Handlers register by message type, ``ADT^A01`` for one trigger or ``ADT`` for every
 trigger of a code (the exact type wins). They take the session (flush, never commit;
 the caller owns the transaction), the parsed message and the stored row. A message whose
 type has no handler keeps status ``received`` until one exists; ``cloudfilm hl7 replay``
-runs it then. ADT (MPI), ORM/OMI (orders) and ORU (reports) handlers come with their
-domains (issue 7 items 1, 2 and 4).
+runs it then. ADT A01/A04/A08/A28/A31/A40 feed the patient master index
+(:mod:`cloudfilm.hl7.adt`); ORM/OMI (orders) and ORU (reports) handlers come with their
+domains (issue 7 items 2 and 4).
 """
 
 from __future__ import annotations

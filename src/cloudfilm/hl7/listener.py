@@ -7,7 +7,9 @@ because the store keeps the bytes exactly as received and decodes them itself (M
 and because an oversize frame must be refused before it is buffered whole.
 
 For every message: examine (decode, MSH, parse) → commit it to the store with its audit
-record → answer (AA only after the commit: SECURITY-CHECKS H7) → run its handler. A
+record → run its handler in a transaction of its own → answer (AA only after the commit:
+SECURITY-CHECKS H7; AE with ERR when the handler could not apply it, the message staying
+stored for replay). Changed in issue 7 item 1: handlers ran after the answer before. A
 sender that repeats a message whose ACK it lost gets AA again and the repeat is kept as
 ``duplicate``, never processed twice.
 """
@@ -211,19 +213,28 @@ class HL7Listener:
                             application=self.settings.application)  # fmt: skip
             await self._send(writer, ack, verdict.encoding or "utf-8")
             return
-        ack = service.ack_for(verdict, f"CF{message_id}", application=self.settings.application)
+        failure: MessageError | None = None
+        if status == MessageStatus.RECEIVED.value:
+            # Stored and committed: now apply it, then answer. A message that cannot be
+            # applied (an unknown patient in a merge) is answered AE with the reason and
+            # stays stored as failed for `cloudfilm hl7 replay`.
+            status, failure = await asyncio.to_thread(self._process, message_id)
+        control_id = f"CF{message_id}"
+        if failure is not None:
+            ack = build_ack(verdict.header, AckCode.ERROR, control_id=control_id, error=failure,
+                            application=self.settings.application)  # fmt: skip
+        else:
+            ack = service.ack_for(verdict, control_id, application=self.settings.application)
         await self._send(writer, ack, verdict.encoding or "utf-8")
         logger.info(
             "HL7 %s %s from %s: %s, stored as #%d (%s)",
             verdict.header.message_type if verdict.header else "?",
             verdict.header.control_id if verdict.header else "?",
             source,
-            verdict.ack.value,
+            AckCode.ERROR.value if failure is not None else verdict.ack.value,
             message_id,
             status,
         )
-        if status == MessageStatus.RECEIVED.value:
-            await asyncio.to_thread(self._process, message_id)
 
     def _store(self, raw: bytes, verdict: service.Verdict, source: str) -> tuple[int, str]:
         for attempt in (1, 2):
@@ -238,8 +249,8 @@ class HL7Listener:
                     raise
         raise AssertionError("unreachable")
 
-    def _process(self, message_id: int) -> None:
-        process(self.db, message_id)
+    def _process(self, message_id: int) -> tuple[str, MessageError | None]:
+        return apply(self.db, message_id, answering=True)
 
     def _audit_refusal(self, source: str, reason: str) -> None:
         with self.db.session() as session:
@@ -280,22 +291,55 @@ def _id() -> str:
 def process(db: Database, message_id: int) -> str:
     """Run the handler of stored message ``message_id`` in its own transaction; returns the
     status afterwards (``received`` when no handler is registered for its type)."""
+    return apply(db, message_id)[0]
+
+
+def apply(
+    db: Database, message_id: int, *, answering: bool = False
+) -> tuple[str, MessageError | None]:
+    """:func:`process`, with the reason when the handler failed: the handler's own
+    :class:`MessageError` (what ERR should say), else an application error (207).
+
+    With ``answering`` the sender is about to be answered AE: the stored ACK code says
+    so. Two messages about the same new patient on two connections at once may collide
+    on the identifier's unique index: the loser is applied once more.
+    """
     from cloudfilm.hl7.models import HL7Message
 
-    try:
-        with db.session() as session:
-            row = session.get(HL7Message, message_id)
-            if row is None:
-                raise LookupError(f"no HL7 message {message_id}")
-            service.process(session=session, row=row)
-            return row.status
-    except LookupError:
-        raise
-    except Exception as exc:
-        # The error text may quote the message (names): it goes to the store, not the log.
-        logger.error("HL7 message #%d: its handler failed (%s)", message_id, type(exc).__name__)
-        with db.session() as session:
-            service.mark_failed(
-                session=session, message_id=message_id, error=f"{type(exc).__name__}: {exc}"
-            )
-        return MessageStatus.FAILED.value
+    for attempt in (1, 2):
+        try:
+            with db.session() as session:
+                row = session.get(HL7Message, message_id)
+                if row is None:
+                    raise LookupError(f"no HL7 message {message_id}")
+                service.process(session=session, row=row)
+                return row.status, None
+        except LookupError:
+            raise
+        except IntegrityError as exc:
+            if attempt == 1:
+                continue
+            failure: Exception = exc
+        except Exception as exc:
+            failure = exc
+        break
+    # The error text may quote the message (names): it goes to the store, not the log.
+    logger.error("HL7 message #%d: its handler failed (%s)", message_id, type(failure).__name__)
+    error = (
+        failure
+        if isinstance(failure, MessageError)
+        else MessageError(
+            AckCode.ERROR,
+            ErrorCode.APPLICATION_ERROR,
+            f"消息无法处理，已保存待重放 · the message could not be applied "
+            f"({type(failure).__name__}); it is stored as #{message_id} for replay",
+        )
+    )
+    with db.session() as session:
+        service.mark_failed(
+            session=session,
+            message_id=message_id,
+            error=f"{type(failure).__name__}: {failure}",
+            ack=AckCode.ERROR if answering else None,
+        )
+    return MessageStatus.FAILED.value, error

@@ -45,7 +45,10 @@ class ErrorCode(StrEnum):
 
     SEGMENT_SEQUENCE = "100^Segment sequence error"
     REQUIRED_FIELD_MISSING = "101^Required field missing"
+    DATA_TYPE_ERROR = "102^Data type error"
     UNSUPPORTED_MESSAGE_TYPE = "200^Unsupported message type"
+    UNKNOWN_KEY = "204^Unknown key identifier"
+    DUPLICATE_KEY = "205^Duplicate key identifier"
     APPLICATION_ERROR = "207^Application internal error"
 
 

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from cloudfilm.audit import service as audit
 from cloudfilm.audit.enums import AuditAction, AuditEventType, AuditOutcome
+from cloudfilm.hl7 import adt as _adt  # noqa: F401  (registers the ADT handlers)
 from cloudfilm.hl7 import handlers
 from cloudfilm.hl7.messages import (
     AckCode,
@@ -171,11 +172,18 @@ def process(*, session: Session, row: HL7Message, now: datetime | None = None) -
     return True
 
 
-def mark_failed(*, session: Session, message_id: int, error: str) -> None:
+def mark_failed(
+    *, session: Session, message_id: int, error: str, ack: AckCode | None = None
+) -> None:
+    """Status ``failed`` with ``error``; ``ack`` when the sender is answered with it (AE
+    for a message whose handler failed on arrival: it then no longer counts as accepted,
+    so a corrected resend under the same MSH-10 is taken as new)."""
     row = session.get(HL7Message, message_id)
     if row is not None:
         row.status = MessageStatus.FAILED.value
         row.error = error[:2000]
+        if ack is not None:
+            row.ack_code = ack.value
         session.flush()
 
 

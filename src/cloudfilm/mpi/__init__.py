@@ -1,0 +1,1 @@
+"""Patient master index: one person, many identifiers, demographics with history, merge."""
