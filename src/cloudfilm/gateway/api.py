@@ -1,4 +1,5 @@
-"""The gateway's status API for the console: backlog, throughput, errors, manual retry.
+"""The gateway's status API for the console: backlog, throughput, errors, manual retry, and
+the "exam is final" trigger (``POST /trigger``) for the RIS/HIS or an interface engine.
 
 A small FastAPI application that ``cloudfilm gateway`` serves on its own port
 (``gateway.http_host``/``gateway.http_port``, loopback by default) next to its DICOM work.
@@ -14,10 +15,12 @@ import ipaddress
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 
 from cloudfilm.config import GatewaySettings
 from cloudfilm.errors import NotFound
@@ -49,8 +52,31 @@ def check_exposure(settings: GatewaySettings) -> None:
         )
 
 
-def create_api(queue: GatewayQueue, settings: GatewaySettings) -> FastAPI:
-    """The status API over ``queue``."""
+class TriggerRequest(BaseModel):
+    """ "Exam X is final": the study to queue for retrieval now."""
+
+    study_instance_uid: str | None = Field(default=None, max_length=64)
+    accession_number: str | None = Field(default=None, max_length=64)
+    source: str | None = Field(default=None, max_length=64)
+    """The PACS source; default: the only one that is not a file drop."""
+
+
+class TriggerError(Exception):
+    """A trigger that cannot be carried out (``status`` is the HTTP status to answer)."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+
+
+Trigger = Callable[[TriggerRequest], dict[str, Any]]
+
+
+def create_api(
+    queue: GatewayQueue, settings: GatewaySettings, *, trigger: Trigger | None = None
+) -> FastAPI:
+    """The status API over ``queue``; ``trigger`` carries out ``POST /trigger`` (the running
+    gateway's :meth:`Gateway.trigger`)."""
     check_exposure(settings)
     token = settings.api_token.get_secret_value().encode() if settings.api_token else None
 
@@ -136,19 +162,43 @@ def create_api(queue: GatewayQueue, settings: GatewaySettings) -> FastAPI:
             raise HTTPException(404, str(exc)) from exc
         return JSONResponse({"study_instance_uid": study_uid, "requeued": count})
 
+    @app.post(
+        "/trigger",
+        status_code=202,
+        summary="An exam is final (RIS/HIS, interface engine): queue its study for retrieval now",
+        responses={
+            400: {"description": "Neither a study UID nor an accession number, or no such source"},
+            401: {"description": "Missing or wrong bearer token"},
+            404: {"description": "The PACS has no study with that accession number"},
+            502: {"description": "The PACS could not be asked (accession number only)"},
+        },
+    )
+    def trigger_study(body: TriggerRequest) -> JSONResponse:
+        if not (body.study_instance_uid or body.accession_number):
+            raise HTTPException(400, "name the study_instance_uid or the accession_number")
+        if trigger is None:
+            raise HTTPException(503, "triggers are taken only by the running gateway")
+        try:
+            result = trigger(body)
+        except TriggerError as exc:
+            raise HTTPException(exc.status, str(exc)) from exc
+        return JSONResponse(result, status_code=202)
+
     return app
 
 
 class APIServer:
     """uvicorn on a thread of the gateway process."""
 
-    def __init__(self, queue: GatewayQueue, settings: GatewaySettings) -> None:
+    def __init__(
+        self, queue: GatewayQueue, settings: GatewaySettings, *, trigger: Trigger | None = None
+    ) -> None:
         import uvicorn
 
         self.settings = settings
         self.server = uvicorn.Server(
             uvicorn.Config(
-                create_api(queue, settings),
+                create_api(queue, settings, trigger=trigger),
                 host=settings.http_host,
                 port=settings.http_port,
                 log_level="warning",

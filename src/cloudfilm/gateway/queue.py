@@ -164,6 +164,21 @@ class GatewayQueue:
                 study.expected_instances = found.expected_instances or study.expected_instances
             return False
 
+    def expedite(self, study_instance_uid: str) -> None:
+        """Asked for now (a trigger): outside the schedule, and a study waiting out a
+        back-off after a failure runs at once (a dead-lettered one is put back in line)."""
+        now = self.clock.now()
+        with self.db.session() as session:
+            study = session.scalars(
+                select(GatewayStudy).where(GatewayStudy.study_instance_uid == study_instance_uid)
+            ).one_or_none()
+            if study is None:
+                return
+            study.manual = True
+            if study.state in (StudyState.FAILED, StudyState.DEAD):
+                study.state = StudyState.FAILED
+                study.next_attempt_at, study.updated_at = now, now
+
     def polled(self, source: str, *, through: str | None, error: str | None = None) -> None:
         """Record the outcome of one poll of ``source`` (the high-water mark on success)."""
         now = self.clock.now()

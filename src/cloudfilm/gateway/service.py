@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from datetime import date, datetime, timedelta
+from typing import Any
 
 from pydicom.dataset import Dataset
 
@@ -25,7 +26,7 @@ from cloudfilm.config import (
 )
 from cloudfilm.errors import NotFound
 from cloudfilm.gateway import wado, wado_uri
-from cloudfilm.gateway.api import APIServer
+from cloudfilm.gateway.api import APIServer, TriggerError, TriggerRequest
 from cloudfilm.gateway.delivery import ArchiveClient, CStoreClient, DeliveryError, StowOutcome
 from cloudfilm.gateway.drops import Drop, DropError, Incomplete, NotDicom, open_drop, parse
 from cloudfilm.gateway.messages import close_message_log, message, open_message_log
@@ -78,7 +79,7 @@ class Gateway:
         """
         if self.gw.http_port == 0:
             return
-        self.api = APIServer(self.queue, self.gw)
+        self.api = APIServer(self.queue, self.gw, trigger=self.trigger)
         self.api.start()
 
     def close(self) -> None:
@@ -248,6 +249,69 @@ class Gateway:
         for study in found:
             self.queue.discover(name, study, manual=True)
         return found
+
+    def trigger(self, request: TriggerRequest) -> dict[str, Any]:
+        """ "Exam X is final" (``POST /trigger``): find the study in the PACS and queue it at
+        once, outside the schedule and ahead of any back-off wait.
+
+        With a Study Instance UID the study is queued even when the C-FIND fails or finds
+        nothing yet (the images may reach the PACS after the report): retrieval then retries
+        with back-off until they are there. An accession number alone must be found.
+
+        Raises
+        ------
+        TriggerError
+            No such source, not found (accession only), or the PACS unreachable
+            (accession only).
+        """
+        pacs = [n for n, s in self.gw.sources.items() if not s.retrieve.drops_files]
+        name = request.source or (pacs[0] if len(pacs) == 1 else None)
+        if name is None or name not in pacs:
+            raise TriggerError(
+                400,
+                f"name the PACS source ({', '.join(pacs) or 'none configured'})"
+                if request.source is None
+                else f"{request.source!r} is not a PACS source of this gateway",
+            )
+        study_uid, accession = request.study_instance_uid, request.accession_number
+        note: str | None = None
+        try:
+            found = self.fetch(name, study_instance_uid=study_uid, accession_number=accession)
+        except PacsError as exc:
+            if not study_uid:
+                raise TriggerError(502, f"the PACS could not be asked: {exc}") from exc
+            found, note = [], f"C-FIND failed ({exc}); queued by its UID"
+        if not found:
+            if not study_uid:
+                raise TriggerError(404, f"the PACS has no study with accession {accession}")
+            self.queue.discover(
+                name,
+                FoundStudy(study_instance_uid=study_uid, accession_number=accession),
+                manual=True,
+            )
+            found = [FoundStudy(study_instance_uid=study_uid, accession_number=accession)]
+            note = note or "not in the PACS yet; retried with back-off until it is"
+        for study in found:
+            self.queue.expedite(study.study_instance_uid)
+        message(
+            "TRIGGER",
+            direction="in",
+            peer="http",
+            source=name,
+            study_uids=[s.study_instance_uid for s in found],
+            note=note,
+        )
+        queued = []
+        for study in found:
+            row = self.queue.study(study.study_instance_uid)
+            queued.append(
+                {
+                    "study_instance_uid": study.study_instance_uid,
+                    "expected": study.expected_instances,
+                    "state": row.state if row else None,
+                }
+            )
+        return {"source": name, "queued": queued, "note": note}
 
     # ----------------------------------------------------------------- retrieval
 
