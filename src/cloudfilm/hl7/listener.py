@@ -324,7 +324,10 @@ def apply(
             failure = exc
         break
     # The error text may quote the message (names): it goes to the store, not the log.
-    logger.error("HL7 message #%d: its handler failed (%s)", message_id, type(failure).__name__)
+    if isinstance(failure, MessageError):  # the message's content: answered AE, kept
+        logger.warning("HL7 message #%d could not be applied (%s)", message_id, failure.code)
+    else:
+        logger.error("HL7 message #%d: its handler failed (%s)", message_id, type(failure).__name__)
     error = (
         failure
         if isinstance(failure, MessageError)
