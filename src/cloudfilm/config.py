@@ -706,7 +706,8 @@ class GatewaySettings(_Section):
 
     http_host: str = "127.0.0.1"
     """Address of the gateway's status API (``GET /status``, ``GET /studies``, ``POST
-    /studies/{uid}/retry``). Loopback by default; any other address needs ``api_token``."""
+    /studies/{uid}/retry``, ``POST /trigger``). Loopback by default; any other address needs
+    ``api_token``."""
 
     http_port: int = Field(default=11180, ge=0, lt=65536)
     """TCP port of the status API inside ``cloudfilm gateway``; ``0`` turns it off."""
