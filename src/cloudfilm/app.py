@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import html
+import json
+import os
 from pathlib import Path
 from string import Template
 from typing import Annotated
@@ -30,6 +32,7 @@ from cloudfilm.auth.permissions import Permission
 from cloudfilm.auth.principal import Principal
 from cloudfilm.auth.router import router as auth_router
 from cloudfilm.clock import Clock
+from cloudfilm.config import Settings
 from cloudfilm.dicomweb.router import DicomwebError
 from cloudfilm.dicomweb.router import router as dicomweb_router
 from cloudfilm.dicomweb.wado_uri import router as wado_uri_router
@@ -75,6 +78,26 @@ def audited(path: str) -> bool:
 
 
 _PUBLIC = Depends(Permit.public_route())
+
+
+#: Environment variable through which ``cloudfilm serve`` hands its command-line settings
+#: to the HTTP worker processes (``http.workers`` > 1); the rest comes from the same
+#: environment and configuration file.
+WORKER_SETTINGS = "CLOUDFILM_WORKER_SETTINGS"
+
+
+def worker_app() -> FastAPI:
+    """The app of one HTTP worker process, built by uvicorn in each process it starts.
+
+    The main process has migrated the database and runs the DICOM listener and the
+    background jobs; a worker only opens the index and the storage and serves HTTP.
+    """
+    from cloudfilm.audit import service as audit
+    from cloudfilm.db import Database
+
+    settings = Settings(**json.loads(os.environ.get(WORKER_SETTINGS) or "{}"))
+    audit.configure(settings.audit)
+    return create_app(Archive(settings, db=Database(settings)))
 
 
 def create_app(archive: Archive, *, clock: Clock | None = None) -> FastAPI:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -203,7 +205,10 @@ def serve(
     _banner(settings, url, role)
     _print_credentials(credentials)
     try:
-        if role in (Role.ALL, Role.API):
+        if role in (Role.ALL, Role.API) and settings.http.workers > 1:
+            given = {**overrides, **({"data_dir": data_dir} if data_dir else {})}
+            _HTTPServer.serve_workers(settings, given)
+        elif role in (Role.ALL, Role.API):
             from cloudfilm.app import create_app
 
             _HTTPServer.serve_app(create_app(archive), settings)
@@ -299,6 +304,33 @@ class _HTTPServer:
             timeout_graceful_shutdown=20,
         )
         Server(config).run()
+
+    @staticmethod
+    def serve_workers(settings: Settings, arguments: dict[str, Any]) -> None:
+        """``http.workers`` processes on one listening socket (uvicorn's supervisor, which
+        also replaces a worker that dies and restarts them one by one on SIGHUP). Each
+        builds its app from ``arguments``, the settings given on the command line."""
+        import uvicorn
+        from uvicorn.supervisors import Multiprocess
+
+        from cloudfilm.app import WORKER_SETTINGS
+
+        os.environ[WORKER_SETTINGS] = json.dumps(arguments, default=str)
+        config = uvicorn.Config(
+            "cloudfilm.app:worker_app",
+            factory=True,
+            host=settings.http.host,
+            port=settings.http.port,
+            workers=settings.http.workers,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=20,
+        )
+        sock = config.bind_socket()
+        try:
+            Multiprocess(config, sockets=[sock]).run()
+        finally:
+            sock.close()
 
 
 def _first_start(archive: Any, demo: bool) -> list[Any]:

@@ -495,6 +495,13 @@ class HttpSettings(_Section):
     ``scripts/install-web`` (run by ``make run`` and ``make test``) installs it. Set it
     when the program runs from an installed package or the viewer lives elsewhere."""
 
+    workers: int = Field(default=1, ge=1, le=64)
+    """HTTP worker processes of ``cloudfilm serve`` (roles ``all`` and ``api``). One
+    Python process uses one CPU core for requests: set it to the number of cores the
+    server may use (``nproc``). The workers share the port; each opens its own database
+    connections (``database.pool_size`` each). The DICOM listener, HL7 listener and
+    background jobs stay in the main process."""
+
 
 class RetrieveMethod(StrEnum):
     """How the gateway fetches a study from a PACS source."""

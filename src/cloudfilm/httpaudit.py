@@ -146,9 +146,9 @@ def _record(archive: Archive, request: Request, status: int) -> None:
     if request.url.query:
         detail["query"] = str(request.url.query)[:2000]
     detail["status"] = status
-    with archive.db.session() as session:
+    with archive.db.engine.begin() as conn:  # Core: the ORM session costs more than the row
         audit.record(
-            session=session,
+            session=conn,
             actor=actor,
             event_type=event,
             action=described.action,

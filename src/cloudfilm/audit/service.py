@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, insert, select, text
+from sqlalchemy import Connection, Table, insert, select, text
 from sqlalchemy.orm import Session
 
 from cloudfilm.audit.chain import GENESIS, link_hash
@@ -66,7 +66,7 @@ def configure(settings: AuditSettings) -> None:
 
 def record(
     *,
-    session: Session,
+    session: Session | Connection,
     actor: Actor,
     event_type: AuditEventType,
     action: AuditAction,
@@ -79,8 +79,8 @@ def record(
     message: str | None = None,
     detail: dict[str, Any] | None = None,
 ) -> None:
-    """Insert one audit event in ``session``'s transaction: it commits with the change it
-    describes, or not at all.
+    """Insert one audit event in ``session``'s transaction (an ORM session or a Core
+    connection in a transaction): it commits with the change it describes, or not at all.
 
     The event is appended to the hash chain: it reads the newest record (one indexed
     read) and links to it. On PostgreSQL appends wait in line on an advisory lock that
@@ -89,7 +89,7 @@ def record(
     nothing else waits behind the lock. Two appends that raced anyway (a caller in a
     read-only SQLite transaction) fail on the unique ``seq`` rather than fork the chain.
     """
-    conn = session.connection()
+    conn = session if isinstance(session, Connection) else session.connection()
     if conn.dialect.name == "postgresql":
         conn.execute(_LOCK, {"key": CHAIN_LOCK_KEY})
     head = conn.execute(_HEAD).one_or_none()

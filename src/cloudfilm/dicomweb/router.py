@@ -191,8 +191,12 @@ def _addressed(
     scope = scope_of(request)
     if scope is not None:
         stmt = stmt.where(scope)
-    with archive_of(request).db.read_session() as session:
-        rows = list(session.execute(stmt).all())
+    db = archive_of(request).db
+    if any(isinstance(c, type) for c in columns):  # mapped objects need an ORM session
+        with db.read_session() as session:
+            rows = list(session.execute(stmt).all())
+    else:
+        rows = db.read_once(stmt, {})
     if not rows:
         what = "instance" if instance else "series" if series else "study"
         raise DicomwebError(404, f"no such {what} in this archive")
