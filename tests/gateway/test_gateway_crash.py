@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx
 import numpy as np
 import pydicom
 import pytest
@@ -104,6 +105,18 @@ def test_gateway_killed_repeatedly__every_instance_arrives_exactly_once(
     try:
         queue = GatewayQueue(gw_settings)
         deadline = time.monotonic() + 120
+        # The killed runs may have drained the queue already: wait until this process is
+        # up (its status API answers, so its SIGTERM handler is in place) before stopping it.
+        status = f"http://127.0.0.1:{env['CLOUDFILM_GATEWAY__HTTP_PORT']}/status"
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            try:
+                if httpx.get(status, timeout=2.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
         while True:
             summary = queue.summary()
             if summary["studies"] and summary["backlog"] == 0:
