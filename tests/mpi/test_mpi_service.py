@@ -112,6 +112,15 @@ def test_register__update_keeps_history_and_replaces_phones(archive: Archive) ->
             demographics=Demographics(),
             source="test",
         )
+    # Sex as GB/T 2261.1 codes or in Chinese, as some HIS send it.
+    assert _register(archive, ("PI", "HIS", "P1"), sex="男") == first
+    with archive.db.read_session() as session:
+        assert mpi.get_person(session=session, person_id=first).sex == "M"
+    latin = _register(archive, ("PI", "HIS", "P4"), name="MÜLLER^ANNA", sex="2")
+    with archive.db.read_session() as session:
+        found = mpi.pdq(session=session, query=mpi.DemographicQuery(pinyin="muller", sex="女"))
+        assert [p.id for p in found] == [latin]
+        assert mpi.get_person(session=session, person_id=latin).name_pinyin == "mulleranna"
     with pytest.raises(InvalidIdentifier, match="出生日期"), archive.db.session() as session:
         mpi.register(
             session=session, identifiers=[identifier("PI", "HIS", "P3")],

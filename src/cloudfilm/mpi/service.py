@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import and_, false, or_, select
+from sqlalchemy import and_, false, func, or_, select
 from sqlalchemy.orm import Session
 
 from cloudfilm.archive.models import Patient, Study
@@ -56,6 +56,8 @@ TYPE_LABELS = {
 }
 
 SEXES = frozenset({"M", "F", "O", "U", "A", "N"})
+#: GB/T 2261.1 codes and Chinese words some HIS send in PID-8 → HL7 table 0001.
+SEX_ALIASES = {"1": "M", "2": "F", "0": "U", "9": "U", "男": "M", "女": "F", "未知": "U"}
 _TYPE = re.compile(r"^[A-Z0-9_]{1,16}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -232,7 +234,8 @@ def _checked(demo: Demographics) -> dict[str, str]:
     if demo.name is not None:
         values["name"] = _clean(demo.name, 200, "姓名 name")
     if demo.sex is not None:
-        sex = demo.sex.strip().upper()[:1]
+        sex = demo.sex.strip()
+        sex = SEX_ALIASES.get(sex, sex.upper())
         if sex and sex not in SEXES:
             raise InvalidIdentifier("性别应为 M、F、O、U · sex is M, F, O or U (HL7 table 0001)")
         values["sex"] = sex
@@ -529,8 +532,8 @@ def pdq(*, session: Session, query: DemographicQuery) -> list[Person]:
     conditions: list[Any] = [Person.merged_into.is_(None)]
     given = False
     if query.name:
-        name = _clean(query.name, 100, "姓名 name").replace("^", "")
-        conditions.append(Person.name.like(_prefix(name), escape="\\"))
+        name = _clean(query.name, 100, "姓名 name").lower()
+        conditions.append(func.lower(Person.name).like(_prefix(name), escape="\\"))
         given = True
     if query.pinyin:
         pinyin = re.sub(r"[\s^'·]", "", query.pinyin.lower())
@@ -547,7 +550,8 @@ def pdq(*, session: Session, query: DemographicQuery) -> list[Person]:
         conditions.append(Person.birth_date == normalize_birth_date(query.birth_date))
         given = True
     if query.sex:
-        sex = query.sex.strip().upper()
+        sex = query.sex.strip()
+        sex = SEX_ALIASES.get(sex, sex.upper())
         if sex not in SEXES:
             raise InvalidIdentifier("性别应为 M、F、O、U · sex is M, F, O or U (HL7 table 0001)")
         conditions.append(Person.sex == sex)
