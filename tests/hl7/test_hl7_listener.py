@@ -21,6 +21,7 @@ from cloudfilm.config import HL7Settings
 from cloudfilm.hl7 import handlers
 from cloudfilm.hl7.listener import HL7Listener, process
 from cloudfilm.hl7.models import HL7Message
+from cloudfilm.hl7.sealing import MAGIC, open_raw
 
 NAMES = ["张三丰", "李小龙", "欧阳娜娜", "王芳"]
 CHARSET = {"utf-8": "UNICODE UTF-8", "gb18030": "GB 18030-2000"}
@@ -117,7 +118,11 @@ def test_listener__day_of_messages_acked_after_store(
             assert str(msh[9]) == f"ACK^{kind.split('^')[1]}^ACK"
             assert str(msh[18]) == CHARSET[encoding]
     stored = rows(archive)
-    assert {row.control_id: row.raw for row in stored} == sent
+    assert {row.control_id: open_raw(archive.settings, row.raw) for row in stored} == sent
+    # Sealed at rest: the names (and the ID numbers a PID carries) are not in the column.
+    for row in stored:
+        assert row.raw.startswith(MAGIC)
+        assert not any(name.encode(encoding) in row.raw for name in NAMES)
     assert {row.encoding for row in stored} == {encoding}
     # ADT applied to the patient index; orders and reports wait for their handlers.
     assert {row.status for row in stored if row.message_type.startswith("ADT")} == {"processed"}
@@ -142,7 +147,7 @@ def test_listener__gb18030_without_msh18_falls_back(
         ack = parse_ack(client.send_message(raw), "gb18030")
     assert str(ack.segment("MSA")[1]) == "AA"
     [row] = rows(archive)
-    assert row.encoding == "gb18030" and row.raw == raw
+    assert row.encoding == "gb18030" and open_raw(archive.settings, row.raw) == raw
 
 
 def test_listener__duplicate_processed_once(archive: Archive, listener: HL7Listener) -> None:
@@ -164,7 +169,7 @@ def test_listener__duplicate_processed_once(archive: Archive, listener: HL7Liste
         original, duplicate = rows(archive)
         assert original.status == "processed" and original.processed_at is not None
         assert duplicate.status == "duplicate" and duplicate.duplicate_of == original.id
-        assert duplicate.raw == raw
+        assert open_raw(archive.settings, duplicate.raw) == raw
         assert calls == ["张三丰^^^^^^L"]
         # Replay runs the handler again on purpose (an operator's decision).
         assert process(archive.db, original.id) == "processed"

@@ -104,3 +104,18 @@ def test_handler__failure_recorded_then_replayed(archive: Archive) -> None:
 def test_process__without_handler_stays_received(archive: Archive) -> None:
     row = _take(archive, (MSH.format(cs="") + "PID|1\r").encode())
     assert process(archive.db, row.id) == "received"
+
+
+def test_store__sealed_at_rest_and_earlier_clear_rows_still_read(archive: Archive) -> None:
+    from cloudfilm.crypto.keys import SealError
+    from cloudfilm.hl7.sealing import MAGIC, open_raw
+
+    raw = MSH.format(cs="UNICODE UTF-8") + "PID|1||1^^^HIS^PI~11010519491231002X^^^CHN^NNCHN\r"
+    row = _take(archive, raw.encode())
+    assert row.raw.startswith(MAGIC) and b"11010519491231002X" not in row.raw
+    with archive.db.read_session() as session:
+        assert service.raw_of(session=session, row=row) == raw.encode()
+    assert open_raw(archive.settings, raw.encode()) == raw.encode()  # stored before sealing
+    tampered = row.raw[:-1] + bytes([row.raw[-1] ^ 1])
+    with pytest.raises(SealError):
+        open_raw(archive.settings, tampered)

@@ -22,6 +22,7 @@ from cloudfilm.audit.service import Actor
 from cloudfilm.config import HL7Settings
 from cloudfilm.hl7.listener import HL7Listener, process
 from cloudfilm.hl7.models import HL7Message
+from cloudfilm.hl7.sealing import open_raw
 
 from conftest import DATA, LiveServer
 
@@ -102,6 +103,9 @@ def test_adt_merge_then_pix_pdq_and_unmerge(
     second = adt("A04", "M2", "P200^^^HIS^PI~C200^^^HIS^MC", "張小燕", encoding="gb18030")
     assert ack_code(send(port, second, "gb18030")) == "AA"
     new_study, old_study = _study(archive, "P100", "HIS"), _study(archive, "P200", "")
+    with archive.db.read_session() as session:
+        stored_raw = b"".join(session.scalars(select(HL7Message.raw)))
+        assert ID_CARD.encode() not in stored_raw and b"13800138000" not in stored_raw
     # A08 corrects the name of the first one; the change is kept in the history.
     update = adt("A08", "M3", "P100^^^HIS^PI", "张晓燕", encoding="gb18030")
     assert ack_code(send(port, update, "gb18030")) == "AA"
@@ -172,7 +176,7 @@ def test_adt_merge_then_pix_pdq_and_unmerge(
     with archive.db.read_session() as session:
         stored = session.scalars(select(HL7Message).where(HL7Message.control_id == "M4")).one()
         assert (stored.status, stored.ack_code) == ("failed", "AE")
-        assert stored.raw == unknown
+        assert open_raw(archive.settings, stored.raw) == unknown
         events = session.scalars(
             select(AuditEvent.event_type).where(AuditEvent.event_type.like("patient-%"))
         ).all()

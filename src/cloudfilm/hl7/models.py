@@ -60,7 +60,9 @@ class HL7Message(Base):
     encoding: Mapped[str | None] = mapped_column(String(16))
     """The character set the text was decoded with: ``utf-8`` or ``gb18030``."""
     raw: Mapped[bytes] = mapped_column(LargeBinary)
-    """The message bytes exactly as received (between the MLLP start and end bytes)."""
+    """The message bytes exactly as received (between the MLLP start and end bytes),
+    sealed with AES-256-GCM (:mod:`cloudfilm.hl7.sealing`; read them with
+    :func:`cloudfilm.hl7.service.raw_of`). Changed in issue 7 item 1: kept in clear before."""
     status: Mapped[str] = mapped_column(String(16))
     ack_code: Mapped[str] = mapped_column(String(2))
     """What the sender was answered: ``AA``, ``AE`` or ``AR`` (HL7 table 0008)."""

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from cloudfilm.audit import service as audit
 from cloudfilm.audit.enums import AuditAction, AuditEventType, AuditOutcome
 from cloudfilm.hl7 import adt as _adt  # noqa: F401  (registers the ADT handlers)
-from cloudfilm.hl7 import handlers
+from cloudfilm.hl7 import handlers, sealing
 from cloudfilm.hl7.messages import (
     AckCode,
     Header,
@@ -105,7 +105,7 @@ def store(
         sending_facility=header.sending_facility[:227] if header else "",
         message_type=header.message_type[:16] or None if header else None,
         encoding=verdict.encoding,
-        raw=raw,
+        raw=sealing.seal_for(session, raw),
         status=status.value,
         ack_code=verdict.ack.value,
         error=verdict.error.text if verdict.error else None,
@@ -113,11 +113,11 @@ def store(
     )
     session.add(row)
     session.flush()
-    _audit(session, row, source)
+    _audit(session, row, source, len(raw))
     return row
 
 
-def _audit(session: Session, row: HL7Message, source: str | None) -> None:
+def _audit(session: Session, row: HL7Message, source: str | None, size: int) -> None:
     outcome = {
         AckCode.ACCEPT.value: AuditOutcome.SUCCESS,
         AckCode.ERROR.value: AuditOutcome.MINOR_FAILURE,
@@ -138,7 +138,7 @@ def _audit(session: Session, row: HL7Message, source: str | None) -> None:
             "ack": row.ack_code,
             "status": row.status,
             "encoding": row.encoding,
-            "bytes": len(row.raw),
+            "bytes": size,
             **({"duplicate_of": row.duplicate_of} if row.duplicate_of else {}),
             **({"error": row.error} if row.error else {}),
         },
@@ -160,7 +160,7 @@ def process(*, session: Session, row: HL7Message, now: datetime | None = None) -
     """Run the handler of ``row``'s type and set its status; False when none is registered
     (the status stays ``received``). A handler's error propagates: the caller rolls back
     and records it with :func:`mark_failed`."""
-    verdict = examine(row.raw)
+    verdict = examine(raw_of(session=session, row=row))
     if verdict.message is None:
         raise ValueError(f"message {row.id} does not parse: {verdict.error}")
     if not handlers.run(session=session, message=verdict.message, record=row):
@@ -170,6 +170,11 @@ def process(*, session: Session, row: HL7Message, now: datetime | None = None) -
     row.processed_at = now or datetime.now(UTC)
     session.flush()
     return True
+
+
+def raw_of(*, session: Session, row: HL7Message) -> bytes:
+    """The message's bytes exactly as received (the store keeps them sealed)."""
+    return sealing.open_for(session, row.raw)
 
 
 def mark_failed(
