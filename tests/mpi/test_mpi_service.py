@@ -188,3 +188,32 @@ def test_merge__unknown_patient_is_a_clear_error(archive: Archive) -> None:
         )  # fmt: skip
     with archive.db.read_session() as session:
         assert session.scalar(select(func.count()).select_from(Person)) == 1
+
+
+def test_unmerge__chain_of_merges_undone_in_any_order(archive: Archive) -> None:
+    a = _register(archive, ("PI", "HIS", "A"), name="甲")
+    b = _register(archive, ("PI", "HIS", "B"), name="乙")
+    c = _register(archive, ("PI", "HIS", "C"), name="丙")
+
+    def merge(survivor: str, prior: str) -> None:
+        with archive.db.session() as session:
+            mpi.merge(
+                session=session, survivor=identifier("PI", "HIS", survivor),
+                prior=identifier("PI", "HIS", prior), actor=ACTOR, source="test",
+            )  # fmt: skip
+
+    def holder(value: str) -> int:
+        with archive.db.read_session() as session:
+            person = mpi.find(session=session, ident=identifier("PI", "HIS", value))
+            assert person is not None
+            return person.id
+
+    merge("B", "A")  # A into B
+    merge("C", "B")  # B (holding A's number) into C
+    assert {holder("A"), holder("B"), holder("C")} == {c}
+    with archive.db.session() as session:
+        mpi.unmerge(session=session, prior_id=a, actor=ACTOR, source="test")
+    assert (holder("A"), holder("B"), holder("C")) == (a, c, c)
+    with archive.db.session() as session:
+        mpi.unmerge(session=session, prior_id=b, actor=ACTOR, source="test")
+    assert (holder("A"), holder("B"), holder("C")) == (a, b, c)

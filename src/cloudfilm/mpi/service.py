@@ -20,6 +20,7 @@ from cloudfilm.archive.models import Patient, Study
 from cloudfilm.archive.names import has_han, to_pinyin, without_accents
 from cloudfilm.audit import service as audit
 from cloudfilm.audit.enums import AuditAction, AuditEventType
+from cloudfilm.crypto.keys import SealError
 from cloudfilm.errors import BadRequest, Conflict, NotFound
 from cloudfilm.mpi import idcard
 from cloudfilm.mpi.keys import MPIKeys, keys_of
@@ -460,8 +461,16 @@ def unmerge(
             f"该患者（{prior_id}）未被合并，无法拆分 · person {prior_id} is not merged: "
             "nothing to unmerge"
         )
+    # The identifiers that merge moved, where they are now: with the survivor, or with the
+    # person the survivor was merged into since. One that went back to its own person by
+    # another unmerge in between stays there.
+    survivor = session.get(Person, record.survivor_id)
+    holder = resolve(session, survivor).id if survivor is not None else record.survivor_id
     rows = session.scalars(
-        select(PersonIdentifier).where(PersonIdentifier.id.in_(record.identifier_ids or [-1]))
+        select(PersonIdentifier).where(
+            PersonIdentifier.id.in_(record.identifier_ids or [-1]),
+            PersonIdentifier.person_id == holder,
+        )
     ).all()
     for row in rows:
         row.person_id = gone.id
@@ -649,8 +658,14 @@ def mask(id_type: str, value: str) -> str:
 
 def describe_identifier(keys: MPIKeys, row: PersonIdentifier, *, reveal: bool) -> dict[str, Any]:
     if row.value_sealed is not None:
-        clear = keys.open(row.value_sealed)
-        value = clear if reveal else mask(row.id_type, clear)
+        try:
+            clear = keys.open(row.value_sealed)
+        except SealError:
+            clear = ""  # sealed under another application secret: say so, do not fail
+        if not clear:
+            value = f"（无法解密，密钥 {row.key_id}）· cannot be opened (key {row.key_id})"
+        else:
+            value = clear if reveal else mask(row.id_type, clear)
     else:
         value = row.value or ""
     return {
