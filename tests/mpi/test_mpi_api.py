@@ -96,13 +96,34 @@ def test_mpi_api__permissions(live_server: LiveServer) -> None:
             "prior": {"authority": "HIS", "value": "A2"}}  # fmt: skip
     assert httpx.get(f"{url}/api/mpi/pix", params={"value": "A1"}).status_code == 401
     assert httpx.post(f"{url}/api/mpi/merge", json=body).status_code == 401
-    make_user(live_server, "doctor", ["clinician"])
+    make_user(live_server, "doctor", ["clinician"], department="心内科")
     make_user(live_server, "keeper", ["archivist"])
     doctor = signed_in(live_server, "doctor")
     read = httpx.get(
         f"{url}/api/mpi/pix", params={"value": "A1", "authority": "HIS"}, headers=doctor
     )
     assert read.status_code == 200 and read.json()["person"]["name"] == "欧阳娜娜"
+    # The studies listed are those the caller's data scope reaches (own department here).
+    from cloudfilm.archive.models import Patient, Study
+
+    with live_server.archive.db.session() as session:
+        now = live_server.clock.now()
+        patient = Patient(patient_id="A1", issuer_of_patient_id="HIS", created_at=now,
+                          updated_at=now)  # fmt: skip
+        session.add(patient)
+        session.flush()
+        for uid, department in (("1.2.9.1", "放射科"), ("1.2.9.2", "心内科")):
+            session.add(Study(patient_pk=patient.id, study_instance_uid=uid,
+                              department=department, created_at=now, updated_at=now))  # fmt: skip
+    client_view = httpx.get(
+        f"{url}/api/mpi/pix", params={"value": "A1", "authority": "HIS"},
+        headers=live_server.headers,
+    ).json()  # fmt: skip
+    assert len(client_view["person"]["studies"]) == 2
+    doctor_view = httpx.get(
+        f"{url}/api/mpi/pix", params={"value": "A1", "authority": "HIS"}, headers=doctor
+    ).json()
+    assert [s["study_instance_uid"] for s in doctor_view["person"]["studies"]] == ["1.2.9.2"]
     refused = httpx.post(f"{url}/api/mpi/merge", json=body, headers=doctor)
     assert refused.status_code == 403 and "patient:merge" in refused.json()["message"]
     keeper = signed_in(live_server, "keeper")

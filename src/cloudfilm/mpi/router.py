@@ -82,7 +82,9 @@ def _actor(request: Request) -> Any:
     return request.state.actor
 
 
-def _person(session: Any, person: Person, *, reveal: bool, studies: bool) -> dict[str, Any]:
+def _person(
+    session: Any, person: Person, *, reveal: bool, studies: bool, caller: Principal | None = None
+) -> dict[str, Any]:
     keys = keys_of(session)
     body: dict[str, Any] = {
         "id": person.id,
@@ -107,7 +109,11 @@ def _person(session: Any, person: Person, *, reveal: bool, studies: bool) -> dic
                 "modalities": s.modalities_in_study,
                 "description": s.study_description,
             }
-            for s in mpi.studies_of(session=session, person=person)
+            for s in mpi.studies_of(
+                session=session,
+                person=person,
+                scope=caller.study_scope if caller is not None else None,
+            )
         ]
     return body
 
@@ -118,7 +124,9 @@ _Reveal = Annotated[
 ]
 
 
-def _pix(request: Request, ident: mpi.Identifier, reveal: bool) -> dict[str, Any]:
+def _pix(
+    request: Request, caller: Principal, ident: mpi.Identifier, reveal: bool
+) -> dict[str, Any]:
     detail = {"type": ident.id_type, "authority": ident.authority, "reveal": reveal}
     note(request, AuditEventType.QUERY, AuditAction.EXECUTE, "mpi", "pix", detail=detail)
     with _archive(request).db.read_session() as session:
@@ -129,7 +137,7 @@ def _pix(request: Request, ident: mpi.Identifier, reveal: bool) -> dict[str, Any
             )
         note(request, AuditEventType.QUERY, AuditAction.EXECUTE, "mpi-person", str(person.id),
              patient_id=ident.value if ident.id_type == "PI" else None, detail=detail)  # fmt: skip
-        return {"person": _person(session, person, reveal=reveal, studies=True)}
+        return {"person": _person(session, person, reveal=reveal, studies=True, caller=caller)}
 
 
 @router.get(
@@ -139,7 +147,7 @@ def _pix(request: Request, ident: mpi.Identifier, reveal: bool) -> dict[str, Any
 )
 def pix(
     request: Request,
-    _caller: _Reader,
+    caller: _Reader,
     value: Annotated[str, Query(min_length=1, max_length=64, description="CX.1 ID number")],
     id_type: Annotated[
         str,
@@ -155,7 +163,7 @@ def pix(
             "身份证号和电话号码请用 POST /api/mpi/pix 查询，不要放在网址中 · look ID-card and "
             "phone numbers up with POST /api/mpi/pix, never in a URL"
         )
-    return _pix(request, ident, reveal)
+    return _pix(request, caller, ident, reveal)
 
 
 @router.post(
@@ -164,9 +172,9 @@ def pix(
     responses=_ERRORS,
 )
 def pix_post(
-    request: Request, _caller: _Reader, body: IdentifierIn, reveal: _Reveal = False
+    request: Request, caller: _Reader, body: IdentifierIn, reveal: _Reveal = False
 ) -> dict[str, Any]:
-    return _pix(request, body.checked(), reveal)
+    return _pix(request, caller, body.checked(), reveal)
 
 
 def _pdq(request: Request, query: PDQIn, reveal: bool) -> dict[str, Any]:
@@ -228,7 +236,7 @@ def pdq_post(request: Request, _caller: _Reader, query: PDQIn, reveal: _Reveal =
 )
 def read_person(
     request: Request,
-    _caller: _Reader,
+    caller: _Reader,
     id: int,  # noqa: A002
     reveal: _Reveal = False,
 ) -> dict[str, Any]:
@@ -236,7 +244,7 @@ def read_person(
          detail={"reveal": reveal})  # fmt: skip
     with _archive(request).db.read_session() as session:
         person = mpi.get_person(session=session, person_id=id)
-        body = _person(session, person, reveal=reveal, studies=True)
+        body = _person(session, person, reveal=reveal, studies=True, caller=caller)
         body["history"] = [
             {
                 "changed_at": h.changed_at.isoformat(),

@@ -610,18 +610,22 @@ def patients_condition(rows: Iterable[PersonIdentifier]) -> Any:
     return or_(*parts) if parts else false()
 
 
-def studies_of(*, session: Session, person: Person, limit: int = 200) -> list[Study]:
-    """The archive's studies of ``person`` (through its identifiers), newest first."""
+def studies_of(
+    *, session: Session, person: Person, scope: Any = None, limit: int = 200
+) -> list[Study]:
+    """The archive's studies of ``person`` (through its identifiers), newest first;
+    ``scope`` narrows them to the caller's data scope (a condition on :class:`Study`)."""
     rows = identifiers_of(session=session, person=resolve(session, person))
-    return list(
-        session.scalars(
-            select(Study)
-            .join(Patient, Study.patient_pk == Patient.id)
-            .where(patients_condition(rows))
-            .order_by(Study.study_date.desc(), Study.id.desc())
-            .limit(limit)
-        )
+    query = (
+        select(Study)
+        .join(Patient, Study.patient_pk == Patient.id)
+        .where(patients_condition(rows))
+        .order_by(Study.study_date.desc(), Study.id.desc())
+        .limit(limit)
     )
+    if scope is not None:
+        query = query.where(scope)
+    return list(session.scalars(query))
 
 
 def person_of_patient(*, session: Session, patient_id: str, issuer: str = "") -> Person | None:
