@@ -210,6 +210,12 @@ def test_adt__bad_identifiers_answered_ae_and_kept(archive: Archive, listener: H
             ("B1", "failed", "AE"), ("B2", "failed", "AE"), ("B3", "failed", "AE"),
         ]  # fmt: skip
         assert all(r.error for r in rows)
+        failed = session.scalars(
+            select(AuditEvent).where(AuditEvent.event_type == "hl7-message-failed")
+        ).all()
+        assert [(e.object_id, e.detail["code"], e.outcome) for e in failed] == [
+            (str(rows[0].id), "102", 4), (str(rows[1].id), "101", 4), (str(rows[2].id), "100", 4),
+        ]  # fmt: skip
     # The sender's corrected resend under the same MSH-10 is taken as new.
     fixed = adt("A01", "B1", f"P1^^^HIS^PI~{ID_CARD}^^^CHN^NNCHN", "李小龙")
     assert ack_code(send(port, fixed)) == "AA"

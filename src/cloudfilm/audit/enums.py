@@ -83,6 +83,9 @@ class AuditEventType(StrEnum):
     """An HL7 v2 message came in over MLLP (``detail``: control ID, type, ACK code)."""
     HL7_MESSAGE_REPLAYED = "hl7-message-replayed"
     """An operator re-ran the handlers of a stored HL7 message."""
+    HL7_MESSAGE_FAILED = "hl7-message-failed"
+    """A stored HL7 message could not be applied on arrival and was answered AE
+    (``detail``: control ID, type, ERR code); it stays stored for replay."""
     PATIENT_MERGED = "patient-merged"
     """Two persons of the patient master index were merged (ADT A40 or the API)."""
     PATIENT_UNMERGED = "patient-unmerged"

@@ -74,6 +74,7 @@ EVENT_CODES: dict[str, tuple[Code, Code | None]] = {
     AuditEventType.ORPHANS_REMOVED: (_APPLICATION_ACTIVITY, None),
     AuditEventType.HL7_MESSAGE_RECEIVED: (_PATIENT_RECORD, None),
     AuditEventType.HL7_MESSAGE_REPLAYED: (_PATIENT_RECORD, None),
+    AuditEventType.HL7_MESSAGE_FAILED: (_PATIENT_RECORD, None),
     AuditEventType.PATIENT_MERGED: (_PATIENT_RECORD, None),
     AuditEventType.PATIENT_UNMERGED: (_PATIENT_RECORD, None),
     AuditEventType.RETRIEVE: (_INSTANCES_TRANSFERRED, None),

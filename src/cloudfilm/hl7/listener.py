@@ -344,5 +344,6 @@ def apply(
             message_id=message_id,
             error=f"{type(failure).__name__}: {failure}",
             ack=AckCode.ERROR if answering else None,
+            code=error.code.value.split("^")[0],
         )
     return MessageStatus.FAILED.value, error

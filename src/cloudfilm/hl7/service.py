@@ -178,11 +178,17 @@ def raw_of(*, session: Session, row: HL7Message) -> bytes:
 
 
 def mark_failed(
-    *, session: Session, message_id: int, error: str, ack: AckCode | None = None
+    *,
+    session: Session,
+    message_id: int,
+    error: str,
+    ack: AckCode | None = None,
+    code: str | None = None,
 ) -> None:
     """Status ``failed`` with ``error``; ``ack`` when the sender is answered with it (AE
     for a message whose handler failed on arrival: it then no longer counts as accepted,
-    so a corrected resend under the same MSH-10 is taken as new)."""
+    so a corrected resend under the same MSH-10 is taken as new; audited with the ERR
+    ``code``)."""
     row = session.get(HL7Message, message_id)
     if row is not None:
         row.status = MessageStatus.FAILED.value
@@ -190,6 +196,23 @@ def mark_failed(
         if ack is not None:
             row.ack_code = ack.value
         session.flush()
+        if ack is not None:
+            audit.record(
+                session=session,
+                actor=audit.Actor.system("hl7"),
+                event_type=AuditEventType.HL7_MESSAGE_FAILED,
+                action=AuditAction.EXECUTE,
+                outcome=AuditOutcome.MINOR_FAILURE,
+                object_type="hl7-message",
+                object_id=str(row.id),
+                source=row.source,
+                detail={
+                    "control_id": row.control_id,
+                    "message_type": row.message_type,
+                    "ack": row.ack_code,
+                    **({"code": code} if code else {}),
+                },
+            )
 
 
 def list_messages(
