@@ -511,16 +511,23 @@ class RetrieveMethod(StrEnum):
     WADO = "wado"
     WADO_URI = "wado-uri"
     FTP = "ftp"
+    SFTP = "sftp"
     FOLDER = "folder"
 
     @property
     def drops_files(self) -> bool:
         """Whether the source is a folder files are dropped into (no DICOM Q/R)."""
-        return self in (RetrieveMethod.FTP, RetrieveMethod.FOLDER)
+        return self in (RetrieveMethod.FTP, RetrieveMethod.SFTP, RetrieveMethod.FOLDER)
+
+    @property
+    def remote_drop(self) -> bool:
+        """Whether the source is a folder on a file server (FTP or SFTP)."""
+        return self in (RetrieveMethod.FTP, RetrieveMethod.SFTP)
 
 
 class RemoteAfter(StrEnum):
-    """What the gateway does with a file on an FTP source once its instance is delivered."""
+    """What the gateway does with a file on an FTP or SFTP source once its instance is
+    delivered."""
 
     KEEP = "keep"
     DELETE = "delete"
@@ -538,15 +545,15 @@ class GatewaySource(_Section):
     """One PACS (or file drop) the gateway pulls exams from."""
 
     aet: str | None = None
-    """The PACS's AE title. Required, except for ``ftp`` and ``folder`` sources."""
+    """The PACS's AE title. Required, except for ``ftp``, ``sftp`` and ``folder`` sources."""
 
     host: str | None = None
-    """Address of the PACS's DICOM port (``ftp``: of the FTP server). Required, except for
-    ``folder`` sources."""
+    """Address of the PACS's DICOM port (``ftp``/``sftp``: of the file server). Required,
+    except for ``folder`` sources."""
 
     port: int = 104
-    """TCP port of the PACS's DICOM Query/Retrieve SCP (``ftp``: of the FTP server; 21 when
-    not set)."""
+    """TCP port of the PACS's DICOM Query/Retrieve SCP (``ftp``: of the FTP server, 21 when
+    not set; ``sftp``: of the SSH server, 22 when not set)."""
 
     retrieve: RetrieveMethod = RetrieveMethod.MOVE
     """``move``: C-MOVE to the gateway's own Storage SCP (the PACS must list the gateway's
@@ -555,9 +562,9 @@ class GatewaySource(_Section):
     PACS must allow C-GET for the gateway's AE); ``wado``: WADO-RS Retrieve Study from
     ``wado_url``; ``wado-uri``: one WADO-URI request per instance to ``wado_uri_url``
     (the instances listed by QIDO-RS at ``wado_url`` when set, else by C-FIND). Discovery is
-    C-FIND for these. ``ftp``: files dropped in ``ftp_path`` on the FTP server ``host``;
-    ``folder``: files dropped in the local ``folder``; both are found by listing, not by
-    C-FIND."""
+    C-FIND for these. ``ftp``/``sftp``: files dropped in ``ftp_path`` on the FTP or SSH
+    server ``host``; ``folder``: files dropped in the local ``folder``; these are found by
+    listing, not by C-FIND."""
 
     wado_url: str | None = None
     """DICOMweb root of the PACS (for ``retrieve = "wado"``; for ``wado-uri`` its QIDO-RS
@@ -568,11 +575,12 @@ class GatewaySource(_Section):
     ``http://10.1.2.3:8042/wado``."""
 
     ftp_user: str = "anonymous"
-    """User name on the FTP server (``retrieve = "ftp"``)."""
+    """User name on the FTP or SSH server (``retrieve = "ftp"`` or ``"sftp"``)."""
 
     ftp_password_env: str | None = None
-    """Name of the environment variable that holds the FTP password (the password itself
-    is never in the configuration), e.g. ``CLOUDFILM_FTP_PACS1_PASSWORD``."""
+    """Name of the environment variable that holds the FTP or SFTP password (the password
+    itself is never in the configuration), e.g. ``CLOUDFILM_FTP_PACS1_PASSWORD``. SFTP
+    without it signs in with the gateway user's SSH keys (``~/.ssh``)."""
 
     ftp_path: str = "/"
     """Remote folder the PACS or modality drops DICOM files into: files directly in it, or
@@ -588,6 +596,10 @@ class GatewaySource(_Section):
 
     ftp_done_path: str | None = None
     """Remote folder delivered files are moved into when ``ftp_after = "move"``."""
+
+    sftp_known_hosts: Path | None = None
+    """known_hosts file holding the SSH server's host key (``retrieve = "sftp"``); empty:
+    the gateway user's ``~/.ssh/known_hosts``. A server whose key is not listed is refused."""
 
     folder: Path | None = None
     """Local folder watched for dropped DICOM files (``retrieve = "folder"``, e.g. a share
@@ -623,9 +635,9 @@ class GatewaySource(_Section):
             return self
         if self.host is None:
             raise ValueError(f'retrieve = "{method}" needs the source\'s host')
-        if method is RetrieveMethod.FTP:
+        if method.remote_drop:
             if "port" not in self.model_fields_set:
-                self.port = 21
+                self.port = 21 if method is RetrieveMethod.FTP else 22
             if self.ftp_after is RemoteAfter.MOVE and not self.ftp_done_path:
                 raise ValueError('ftp_after = "move" needs ftp_done_path')
             return self

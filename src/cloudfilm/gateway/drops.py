@@ -16,13 +16,15 @@ or moved once its instance is delivered (``ftp_after``).
 
 from __future__ import annotations
 
+import asyncio
 import ftplib
 import io
+import logging
 import os
 import shutil
 import warnings
 from pathlib import Path, PurePosixPath
-from typing import Protocol
+from typing import IO, Any, Protocol
 
 import pydicom
 from pydicom.dataelem import RawDataElement
@@ -30,6 +32,8 @@ from pydicom.dataset import Dataset
 
 from cloudfilm.config import GatewaySettings, GatewaySource, RemoteAfter, RetrieveMethod
 from cloudfilm.gateway.messages import message
+
+logger = logging.getLogger(__name__)
 
 _UNDEFINED = 0xFFFFFFFF
 _SKIP_SUFFIXES = (".part", ".tmp", ".partial", ".filepart", ".reason.txt")
@@ -66,7 +70,21 @@ def open_drop(settings: GatewaySettings, source: GatewaySource) -> Drop:
     if source.retrieve is RetrieveMethod.FOLDER:
         assert source.folder is not None  # checked by the settings
         return FolderDrop(source.folder)
+    if source.retrieve is RetrieveMethod.SFTP:
+        return SftpDrop(settings, source)
     return FtpDrop(settings, source)
+
+
+def _password(source: GatewaySource) -> str | None:
+    if not source.ftp_password_env:
+        return None
+    if source.ftp_password_env not in os.environ:
+        raise DropError(f"the password variable {source.ftp_password_env} is not set")
+    return os.environ[source.ftp_password_env]
+
+
+def _done_target(source: GatewaySource, path: str) -> PurePosixPath:
+    return PurePosixPath(source.ftp_done_path or "/done") / path
 
 
 def _listed(name: str) -> bool:
@@ -168,11 +186,7 @@ class FtpDrop:
         self.source = source
         self.root = PurePosixPath(source.ftp_path or "/")
         self.peer = f"ftp://{source.host}:{source.port}{self.root}"
-        password = ""
-        if source.ftp_password_env:
-            if source.ftp_password_env not in os.environ:
-                raise DropError(f"the FTP password variable {source.ftp_password_env} is not set")
-            password = os.environ[source.ftp_password_env]
+        password = _password(source) or ""
         ftp: ftplib.FTP = ftplib.FTP_TLS() if source.ftp_tls else ftplib.FTP()
         try:
             ftp.connect(source.host or "", source.port, timeout=settings.network_timeout)
@@ -276,7 +290,7 @@ class FtpDrop:
                 self.ftp.delete(remote)
             elif self.source.ftp_after is RemoteAfter.MOVE:
                 done = PurePosixPath(self.source.ftp_done_path or "/done")
-                target = done / path
+                target = _done_target(self.source, path)
                 folder = PurePosixPath(done.anchor or ".")
                 for part in target.parent.parts[len(folder.parts) :]:
                     folder = folder / part
@@ -295,3 +309,150 @@ class FtpDrop:
             self.ftp.quit()
         except (OSError, EOFError, ftplib.Error):
             self.ftp.close()
+
+
+class SftpDrop:
+    """A folder on an SSH server, with asyncssh's SFTP client (run on a private event loop:
+    the gateway's loop is synchronous). The server's host key must be in
+    ``sftp_known_hosts`` (default ``~/.ssh/known_hosts``)."""
+
+    def __init__(self, settings: GatewaySettings, source: GatewaySource) -> None:
+        import asyncssh
+
+        self.source = source
+        self.root = PurePosixPath(source.ftp_path or "/")
+        self.peer = f"sftp://{source.host}:{source.port}{self.root}"
+        password = _password(source)
+        options: dict[str, Any] = {
+            "username": source.ftp_user,
+            "connect_timeout": settings.network_timeout,
+        }
+        if password is not None:
+            options["password"] = password
+        if source.sftp_known_hosts is not None:
+            options["known_hosts"] = str(source.sftp_known_hosts)
+        self._loop = asyncio.new_event_loop()
+        try:
+            self._conn = self._run(asyncssh.connect(source.host or "", source.port, **options))
+            self._sftp = self._run(self._conn.start_sftp_client())
+        except (OSError, asyncssh.Error) as exc:
+            self._loop.close()
+            message("SFTP-LOGIN", direction="out", peer=self.peer, result=str(exc)[:200])
+            raise DropError(f"SFTP {self.peer}: {type(exc).__name__}: {exc}") from exc
+
+    def _run(self, coroutine: Any) -> Any:
+        return self._loop.run_until_complete(coroutine)
+
+    def _entries(self, folder: PurePosixPath) -> list[tuple[str, str, int]]:
+        import asyncssh
+
+        out = []
+        for entry in self._run(self._sftp.readdir(str(folder))):
+            name = str(entry.filename)
+            if name in (".", ".."):
+                continue
+            kind = entry.attrs.type
+            if kind == asyncssh.FILEXFER_TYPE_DIRECTORY:
+                out.append((name, "dir", 0))
+            elif kind == asyncssh.FILEXFER_TYPE_REGULAR:
+                out.append((name, "file", int(entry.attrs.size or 0)))
+        return out
+
+    def listing(self) -> dict[str, int]:
+        import asyncssh
+
+        out: dict[str, int] = {}
+        try:
+            for name, kind, size in self._entries(self.root):
+                if not _listed(name):
+                    continue
+                if kind == "file":
+                    out[name] = size
+                    continue
+                for inner, inner_kind, inner_size in self._entries(self.root / name):
+                    if inner_kind == "file" and _listed(inner):
+                        out[f"{name}/{inner}"] = inner_size
+        except (OSError, asyncssh.Error) as exc:
+            raise DropError(f"SFTP listing of {self.peer}: {type(exc).__name__}: {exc}") from exc
+        return out
+
+    def fetch(self, path: str, size: int, partial: Path) -> bytes:
+        """Download ``path`` into ``partial`` from where an earlier attempt stopped."""
+        import asyncssh
+
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        offset = partial.stat().st_size if partial.exists() else 0
+        if offset > size:
+            partial.unlink()
+            offset = 0
+        error: str | None = None
+
+        async def copy(out: IO[bytes]) -> None:
+            position = offset
+            async with self._sftp.open(str(self.root / path), "rb") as remote:
+                while position < size:
+                    chunk = await remote.read(min(262_144, size - position), position)
+                    if not chunk:
+                        return
+                    out.write(chunk)
+                    position += len(chunk)
+
+        with partial.open("ab") as out:
+            if offset < size:
+                try:
+                    self._run(copy(out))
+                except (OSError, asyncssh.Error) as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+            out.flush()
+            os.fsync(out.fileno())
+        got = partial.stat().st_size
+        message(
+            "SFTP-READ",
+            direction="in",
+            peer=self.peer,
+            file=path,
+            offset=offset,
+            bytes=got - offset,
+            size=size,
+            result="ok" if got == size and error is None else (error or "short"),
+        )
+        if got != size:
+            raise Incomplete(
+                f"{path}: {got} of {size} bytes after the transfer"
+                + (f" ({error})" if error else "")
+                + "; resumed at the next poll"
+            )
+        return partial.read_bytes()
+
+    def taken(self, path: str) -> None:  # noqa: ARG002 - removed after delivery, if at all
+        return
+
+    def refused(self, path: str, reason: str) -> None:  # noqa: ARG002 - the queue remembers
+        return
+
+    def remove(self, path: str) -> None:
+        """After delivery: delete the remote file or move it into ``ftp_done_path``."""
+        import asyncssh
+
+        remote = str(self.root / path)
+        try:
+            if self.source.ftp_after is RemoteAfter.DELETE:
+                self._run(self._sftp.remove(remote))
+            elif self.source.ftp_after is RemoteAfter.MOVE:
+                target = _done_target(self.source, path)
+                self._run(self._sftp.makedirs(str(target.parent), exist_ok=True))
+                self._run(self._sftp.rename(remote, str(target)))
+        except (OSError, asyncssh.Error) as exc:
+            raise DropError(f"SFTP {self.source.ftp_after} of {path}: {exc}") from exc
+        message("SFTP-" + str(self.source.ftp_after).upper(), direction="out", peer=self.peer,
+                file=path)  # fmt: skip
+
+    def close(self) -> None:
+        try:
+            self._sftp.exit()
+            self._conn.close()
+            self._run(self._conn.wait_closed())
+        except Exception:  # a broken connection: nothing left to close cleanly
+            logger.debug("SFTP close of %s failed", self.peer, exc_info=True)
+        finally:
+            self._loop.close()

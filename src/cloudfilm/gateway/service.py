@@ -146,7 +146,7 @@ class Gateway:
             return 0
         new = 0
         try:
-            remote = source.retrieve is RetrieveMethod.FTP
+            remote = source.retrieve.remote_drop
             if remote and source.ftp_after is not RemoteAfter.KEEP:
                 for path in self.queue.remote_delivered(name):
                     try:
@@ -174,7 +174,7 @@ class Gateway:
 
     def _take(self, name: str, drop: Drop, path: str, size: int) -> int:
         """Take one stable file; 1 when its study is new to the queue."""
-        remote = self.source(name).retrieve is RetrieveMethod.FTP
+        remote = self.source(name).retrieve.remote_drop
         digest = hashlib.sha256(f"{name}\0{path}".encode()).hexdigest()[:32]
         partial = self.gw.data_dir / "incoming" / name / f"{digest}.part"
         try:
