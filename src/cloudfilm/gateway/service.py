@@ -163,8 +163,8 @@ class Gateway:
                 if known.get(path) == size or size == 0 or previous.get(path) != size:
                     continue  # taken already, empty, or still being written
                 new += self._take(name, drop, path, size)
-        except DropError as exc:
-            self.queue.polled(name, through=None, error=str(exc))
+        except (DropError, OSError) as exc:  # OSError: a local file that cannot be moved
+            self.queue.polled(name, through=None, error=f"{type(exc).__name__}: {exc}")
             logger.warning("gateway: poll of %s failed: %s", name, exc)
             return new
         finally:
