@@ -165,7 +165,7 @@ def serve(
         console.print("[red]--demo is refused in production[/red]")
         raise typer.Exit(2)
 
-    from cloudfilm.archive import stats
+    from cloudfilm.archive import recompress, stats
     from cloudfilm.dimse.server import DIMSEServer
     from cloudfilm.storage.monitor import MonitorLoop
 
@@ -195,6 +195,8 @@ def serve(
     monitor_loop = MonitorLoop(archive.monitor)
     monitor_loop.start()
     integrity_loops = _start_integrity_loops(archive)
+    background = contextlib.ExitStack()  # compression queued by ingest (compression.deferred)
+    background.enter_context(recompress.running(archive))
     tier_runner = None
     if settings.tiers.backends:  # migration and recall jobs, the planner in its windows
         from cloudfilm.archive.tiering import TierRunner
@@ -221,6 +223,7 @@ def serve(
             while not stop.wait(0.5):
                 pass
     finally:
+        background.close()
         if tier_runner is not None:
             tier_runner.stop()
         for loop in integrity_loops:
@@ -786,6 +789,35 @@ def storage_mirror_sync(data_dir: Path | None = DataDir) -> None:
     for target, row in counts.items():
         console.print(f"still owed to {target}: {row['pending']} (failing {row['failing']})")
     if result.failed:
+        raise typer.Exit(1)
+
+
+@storage_app.command("compress")
+def storage_compress(data_dir: Path | None = DataDir) -> None:
+    """Run the background compression jobs that are due now (the server runs them by
+    itself; this is for a server that is stopped, or to see the result at once)."""
+    from cloudfilm.archive.recompress import Compressor
+
+    archive = _open_archive(_settings(data_dir), migrate=False)
+    compressor = Compressor(archive)
+    failed = saved = compressed = kept = 0
+    try:
+        while (result := compressor.run_once()).worked:
+            compressed += result.compressed
+            kept += result.kept
+            failed += result.failed
+            saved += result.bytes_before - result.bytes_after
+            if result.failed and not (result.compressed or result.kept or result.cleaned):
+                break  # only failures left: they wait for their back-off
+        pending = compressor.pending()
+    finally:
+        compressor.close()
+        archive.close()
+    Console().print(
+        f"压缩 compressed {compressed}, 保持原样 kept as received {kept}, 失败 failed "
+        f"{failed}, 节省 saved {saved / 1e6:.1f} MB; 待处理 still queued {pending}"
+    )
+    if failed:
         raise typer.Exit(1)
 
 

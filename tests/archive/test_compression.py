@@ -56,7 +56,7 @@ LOCAL_SAMPLES = ["ct_small.dcm", "mr_small.dcm", "chr_gb18030.dcm", "chr_iso_ir_
 
 @pytest.fixture(autouse=True)
 def _compress_everything(settings: Settings) -> None:
-    settings.compression = CompressionSettings(min_pixel_bytes=0)
+    settings.compression = CompressionSettings(min_pixel_bytes=0, deferred=False)
 
 
 def _stored(archive: Archive, sop_instance_uid: str) -> tuple[Instance, Dataset]:
@@ -146,7 +146,9 @@ def test_ingest__off_stores_bytes_as_sent(archive: Archive, settings: Settings) 
 
 def test_ingest__codec_per_modality(archive: Archive, settings: Settings) -> None:
     settings.compression = CompressionSettings(
-        min_pixel_bytes=0, by_modality={"ct": Codec.NONE, "MR": Codec.JPEG2000_LOSSLESS}
+        min_pixel_bytes=0,
+        deferred=False,
+        by_modality={"ct": Codec.NONE, "MR": Codec.JPEG2000_LOSSLESS},
     )
     assert archive.ingest((DATA / "ct_small.dcm").read_bytes(), actor=ACTOR).ok
     assert archive.ingest((DATA / "mr_small.dcm").read_bytes(), actor=ACTOR).ok
@@ -204,7 +206,9 @@ def test_ingest__resent_object_is_a_duplicate(archive: Archive) -> None:
 
 
 def test_wado_rs__original_transfer_syntax_on_request(live_server: LiveServer) -> None:
-    live_server.archive.settings.compression = CompressionSettings(min_pixel_bytes=0)
+    live_server.archive.settings.compression = CompressionSettings(
+        min_pixel_bytes=0, deferred=False
+    )
     data = (DATA / "ct_small.dcm").read_bytes()
     original = dcmread(io.BytesIO(data))
     assert live_server.archive.ingest(data, actor=ACTOR).ok
@@ -270,7 +274,9 @@ def test_settings__htj2k_refused_without_an_encoder() -> None:
 
 
 def test_api__compression_report(live_server: LiveServer) -> None:
-    live_server.archive.settings.compression = CompressionSettings(min_pixel_bytes=0)
+    live_server.archive.settings.compression = CompressionSettings(
+        min_pixel_bytes=0, deferred=False
+    )
     ct = dcmread(DATA / "ct_small.dcm")
     assert live_server.archive.ingest((DATA / "ct_small.dcm").read_bytes(), actor=ACTOR).ok
     url = f"{live_server.url}/api/archive/compression"

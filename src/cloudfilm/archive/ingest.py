@@ -27,16 +27,16 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from cloudfilm.archive import service
 from cloudfilm.archive.compression import compress_for_storage
-from cloudfilm.archive.models import Instance, Study
+from cloudfilm.archive.models import CompressionJob, Instance, Study
 from cloudfilm.archive.parsing import IngestLimits, ParsedInstance, parse_instance
 from cloudfilm.archive.tiering import Tiering
 from cloudfilm.audit import service as audit
 from cloudfilm.audit.enums import AuditAction, AuditEventType, AuditOutcome
 from cloudfilm.audit.service import Actor
-from cloudfilm.config import Settings
+from cloudfilm.config import Codec, Settings
 from cloudfilm.db import Database
 from cloudfilm.errors import InvalidDicom, StorageFull, StorageUnavailable
-from cloudfilm.storage import StorageBackend, new_key, open_storage
+from cloudfilm.storage import StorageBackend, codecs, new_key, open_storage
 from cloudfilm.storage.mirror import MirroredBackend
 from cloudfilm.storage.monitor import ArchiveTotals, StorageMonitor
 from cloudfilm.storage.tiers import ONLINE, TieredStorage, online_backend
@@ -153,9 +153,12 @@ class Archive:
                 IngestStatus.DUPLICATE, parsed, _OUTCOMES[service.StoreOutcome.DUPLICATE][1]
             )
 
-        # Lossless compression (settings.compression): ``parsed`` becomes the form we store.
+        # Lossless compression (settings.compression): ``parsed`` becomes the form we store,
+        # now or (deferred) by a background job queued with the index rows.
         received, received_digest = parsed, digest
-        parsed = compress_for_storage(received, self.settings.compression)
+        later = self._compress_later(parsed)
+        if not later:
+            parsed = compress_for_storage(received, self.settings.compression)
         if parsed is not received:
             digest = service.checksum(parsed.blob, algorithm)
         record = service.describe(parsed)
@@ -177,6 +180,7 @@ class Archive:
             original_size=len(received.blob),
             original_checksum=received_digest,
             original_transfer_syntax_uid=received.transfer_syntax_uid,
+            compress_later=later,
         )
         try:
             result = self._index(record, stored, actor)
@@ -192,6 +196,15 @@ class Archive:
             self.storage.delete(result.replaced_key)
         status, reason = _OUTCOMES[result.outcome]
         return self._result(status, parsed, reason)
+
+    def _compress_later(self, parsed: ParsedInstance) -> bool:
+        settings = self.settings.compression
+        if not settings.deferred:
+            return False
+        modality = str(parsed.ds.get("Modality", "") or "")
+        if settings.codec_for(modality) is Codec.NONE:
+            return False
+        return codecs.suitable(parsed.ds, parsed.transfer_syntax_uid, settings.min_pixel_bytes)
 
     @staticmethod
     def _result(
@@ -337,6 +350,12 @@ def sweep_orphans(archive: Archive, *, older_than: timedelta) -> int:
                     select(DeletedInstance.storage_key).where(
                         DeletedInstance.storage_key.in_(batch)
                     )
+                )
+            )
+            # Received objects replaced by their compressed form, kept for a grace period.
+            known.update(
+                session.scalars(
+                    select(CompressionJob.old_key).where(CompressionJob.old_key.in_(batch))
                 )
             )
         count = 0

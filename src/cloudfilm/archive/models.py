@@ -219,6 +219,32 @@ class InstanceMetadata(Base):
     instance: Mapped[Instance] = relationship(back_populates="metadata_row")
 
 
+class CompressionJob(Base):
+    """Background lossless compression of one stored object (``compression.deferred``).
+
+    Inserted in the transaction that indexes the object. ``queued``: re-encode, verify
+    bit for bit, write the new object, then switch the instance to it in one transaction
+    that also moves the job to ``cleanup`` with the received object's key;
+    ``cleanup`` (after ``not_before``): delete that object and the job. No foreign key:
+    an instance deleted meanwhile only makes the job finish without work.
+    """
+
+    __tablename__ = "compression_job"
+    __table_args__ = (Index("ix_compression_job_due", "not_before"),)
+
+    id: Mapped[int] = mapped_column(_ID, primary_key=True)
+    instance_pk: Mapped[int] = mapped_column(_ID, index=True)
+    state: Mapped[str] = mapped_column(String(16), default="queued")
+    """``queued`` or ``cleanup``."""
+    old_key: Mapped[str | None] = mapped_column(String(200))
+    """In ``cleanup``: the received object's key, deleted when the job ends."""
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    not_before: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(String(512))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class StorageJob(Base):
     """A durable move of one study's objects between storage tiers (migration or recall).
 

@@ -27,7 +27,14 @@ from sqlalchemy.orm import Session
 
 from cloudfilm.archive import frames
 from cloudfilm.archive.dicom_json import dataset_json
-from cloudfilm.archive.models import Instance, InstanceMetadata, Patient, Series, Study
+from cloudfilm.archive.models import (
+    CompressionJob,
+    Instance,
+    InstanceMetadata,
+    Patient,
+    Series,
+    Study,
+)
 from cloudfilm.archive.names import name_forms
 from cloudfilm.archive.parsing import ParsedInstance
 from cloudfilm.audit import service as audit
@@ -61,6 +68,8 @@ class StoredObject:
     """Size as received, when ingest stored a losslessly compressed form (else ``size``)."""
     original_checksum: str | None = None
     original_transfer_syntax_uid: str | None = None
+    compress_later: bool = False
+    """Queue a background compression job with the index rows (``compression.deferred``)."""
 
     def original_columns(self, transfer_syntax_uid: str) -> dict[str, Any]:
         return {
@@ -215,6 +224,14 @@ _STUDY = cast(Table, Study.__table__)
 _SERIES = cast(Table, Series.__table__)
 _INSTANCE = cast(Table, Instance.__table__)
 _METADATA = cast(Table, InstanceMetadata.__table__)
+_JOB = cast(Table, CompressionJob.__table__)
+_INSERT_JOB = insert(_JOB).values(
+    instance_pk=bindparam("instance_pk"),
+    state="queued",
+    attempts=0,
+    not_before=bindparam("now"),
+    created_at=bindparam("now"),
+)
 
 # Statements built once: per-image work must not pay SQLAlchemy's statement construction.
 _SELECT_PATIENT = select(_PATIENT).where(
@@ -530,6 +547,8 @@ def store_instance(
             update(_PATIENT).where(_PATIENT.c.id == patient["id"]).values(**changed, updated_at=now)
         )
 
+    if stored.compress_later:
+        conn.execute(_INSERT_JOB, {"instance_pk": instance_id, "now": now})
     audit.record(
         event_type=(
             AuditEventType.INSTANCE_REPLACED

@@ -77,6 +77,9 @@ class AuditEventType(StrEnum):
     """A missing or corrupt copy of an object was rewritten from a good copy."""
     OBJECT_DAMAGED = "object-damaged"
     """No good copy of an indexed object was found (missing or corrupt everywhere)."""
+    INSTANCES_COMPRESSED = "instances-compressed"
+    """Stored objects were replaced by their verified lossless compression (background
+    compression; ``detail``: counts, bytes, SOP Instance UIDs)."""
     ORPHANS_REMOVED = "orphans-removed"
     """Stored objects that no index row points to were deleted (orphan clean-up)."""
     HL7_MESSAGE_RECEIVED = "hl7-message-received"

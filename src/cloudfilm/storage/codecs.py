@@ -203,6 +203,16 @@ def compress_verified(blob: bytes, target: str, *, min_pixel_bytes: int = 0) -> 
     return CompressedObject(dataset, str(uid), ds)
 
 
+def suitable(ds: Dataset, source: str, min_pixel_bytes: int) -> bool:
+    """Whether :func:`compress_verified` would try to compress ``ds`` received in ``source``
+    (a cheap check: no pixel is decoded)."""
+    try:
+        _check_suitable(ds, UID(source), min_pixel_bytes)
+    except NotCompressible:
+        return False
+    return True
+
+
 def _check_suitable(ds: Dataset, source: UID, min_pixel_bytes: int) -> None:
     if "PixelData" not in ds:
         raise NotCompressible("no Pixel Data")
