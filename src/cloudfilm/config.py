@@ -283,6 +283,10 @@ class CompressionSettings(_Section):
     deferred_grace_seconds: int = Field(default=300, ge=0)
     """How long a received object outlives its compressed replacement."""
 
+    deferred_delay_seconds: float = Field(default=15.0, ge=0)
+    """How long after ingest an object's compression is due: a burst of images (a CT
+    arriving) is taken in at full speed, and compressed once it has passed."""
+
     @field_validator("by_modality")
     @classmethod
     def _upper_modalities(cls, value: dict[str, Codec]) -> dict[str, Codec]:

@@ -38,7 +38,9 @@ CT = DATA / "ct_small.dcm"
 
 @pytest.fixture(autouse=True)
 def _deferred(settings: Settings) -> None:
-    settings.compression = CompressionSettings(deferred=True, deferred_grace_seconds=0)
+    settings.compression = CompressionSettings(
+        deferred=True, deferred_grace_seconds=0, deferred_delay_seconds=0
+    )
 
 
 @pytest.fixture
@@ -159,6 +161,16 @@ def test_storage_failure__retried_later(
         job = session.scalars(select(CompressionJob)).one()
         assert job.attempts == 1 and "went away" in (job.last_error or "")
     assert compressor.run_once().worked is False  # backing off: not due yet
+    assert _instance(archive).transfer_syntax_uid == ImplicitVRLittleEndian
+
+
+def test_burst_first__job_due_after_the_delay(
+    archive: Archive, settings: Settings, compressor: Compressor
+) -> None:
+    settings.compression.deferred_delay_seconds = 600
+    assert archive.ingest(CT.read_bytes(), actor=ACTOR).ok
+    assert _jobs(archive) == [("queued", None)]
+    assert compressor.run_once().worked is False
     assert _instance(archive).transfer_syntax_uid == ImplicitVRLittleEndian
 
 

@@ -180,7 +180,7 @@ class Archive:
             original_size=len(received.blob),
             original_checksum=received_digest,
             original_transfer_syntax_uid=received.transfer_syntax_uid,
-            compress_later=later,
+            compress_after=self.settings.compression.deferred_delay_seconds if later else None,
         )
         try:
             result = self._index(record, stored, actor)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, cast
 
@@ -68,8 +68,9 @@ class StoredObject:
     """Size as received, when ingest stored a losslessly compressed form (else ``size``)."""
     original_checksum: str | None = None
     original_transfer_syntax_uid: str | None = None
-    compress_later: bool = False
-    """Queue a background compression job with the index rows (``compression.deferred``)."""
+    compress_after: float | None = None
+    """Queue a background compression job with the index rows, due this many seconds
+    later (``compression.deferred``); ``None``: no job."""
 
     def original_columns(self, transfer_syntax_uid: str) -> dict[str, Any]:
         return {
@@ -229,7 +230,7 @@ _INSERT_JOB = insert(_JOB).values(
     instance_pk=bindparam("instance_pk"),
     state="queued",
     attempts=0,
-    not_before=bindparam("now"),
+    not_before=bindparam("due"),
     created_at=bindparam("now"),
 )
 
@@ -547,8 +548,9 @@ def store_instance(
             update(_PATIENT).where(_PATIENT.c.id == patient["id"]).values(**changed, updated_at=now)
         )
 
-    if stored.compress_later:
-        conn.execute(_INSERT_JOB, {"instance_pk": instance_id, "now": now})
+    if stored.compress_after is not None:
+        due = now + timedelta(seconds=stored.compress_after)
+        conn.execute(_INSERT_JOB, {"instance_pk": instance_id, "now": now, "due": due})
     audit.record(
         event_type=(
             AuditEventType.INSTANCE_REPLACED
