@@ -85,7 +85,12 @@ def ftp(tmp_path: Path) -> Iterator[FtpPeer]:
     handler = type(
         "Handler",
         (FTPHandler,),
-        {"authorizer": authorizer, "abstracted_fs": _FS, "use_sendfile": False},
+        {
+            "authorizer": authorizer,
+            "abstracted_fs": _FS,
+            "use_sendfile": False,
+            "auth_failed_timeout": 0.1,  # not the 3 s pause after a wrong password
+        },
     )
     port = free_port()
     server = FTPServer(("127.0.0.1", port), handler)
