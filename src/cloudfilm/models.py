@@ -24,6 +24,7 @@ from cloudfilm.auth.models import (
 from cloudfilm.db import Base
 from cloudfilm.hl7.models import HL7Message
 from cloudfilm.mpi.models import Person, PersonHistory, PersonIdentifier, PersonMerge
+from cloudfilm.orders.models import Encounter, ImagingOrder, OrderStatusChange
 from cloudfilm.storage.models import Alarm, MirrorPending, StorageSample
 
 __all__ = [
@@ -35,10 +36,13 @@ __all__ = [
     "AuditEvent",
     "Base",
     "Department",
+    "Encounter",
     "HL7Message",
+    "ImagingOrder",
     "Instance",
     "InstanceMetadata",
     "MirrorPending",
+    "OrderStatusChange",
     "PasswordHistory",
     "Patient",
     "Person",

@@ -124,9 +124,9 @@ def test_listener__day_of_messages_acked_after_store(
         assert row.raw.startswith(MAGIC)
         assert not any(name.encode(encoding) in row.raw for name in NAMES)
     assert {row.encoding for row in stored} == {encoding}
-    # ADT applied to the patient index; orders and reports wait for their handlers.
-    assert {row.status for row in stored if row.message_type.startswith("ADT")} == {"processed"}
-    assert {row.status for row in stored if row.message_type[:3] in ("ORM", "ORU")} == {"received"}
+    # ADT applied to the patient index, ORM to the orders; reports wait for their handler.
+    assert {row.status for row in stored if row.message_type[:3] in ("ADT", "ORM")} == {"processed"}
+    assert {row.status for row in stored if row.message_type.startswith("ORU")} == {"received"}
     assert {row.message_type for row in stored} == set(DAY)
     with archive.db.read_session() as session:
         audited = session.scalar(
@@ -258,7 +258,7 @@ def test_listener__restart_loses_nothing_acked(archive: Archive) -> None:
         server.stop()
     stored = rows(archive)
     assert {row.control_id for row in stored} == set(acked)
-    assert [row.status for row in stored if row.control_id == "R2"] == ["received", "duplicate"]
+    assert [row.status for row in stored if row.control_id == "R2"] == ["processed", "duplicate"]
 
 
 def test_listener__refuses_peers_outside_allowed_sources(archive: Archive) -> None:
@@ -316,7 +316,7 @@ def test_listener__same_message_on_two_connections_at_once(
         acks = list(pool.map(send, range(4)))
     assert {str(ack.segment("MSA")[1]) for ack in acks} == {"AA"}
     statuses = sorted(row.status for row in rows(archive))
-    assert statuses == ["duplicate", "duplicate", "duplicate", "received"]
+    assert statuses == ["duplicate", "duplicate", "duplicate", "processed"]
 
 
 def test_listener__connections_beyond_the_limit_are_closed(archive: Archive) -> None:

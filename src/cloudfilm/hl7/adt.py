@@ -185,7 +185,10 @@ def on_person(*, session: Session, message: Any, record: HL7Message) -> None:
         raise MessageError(
             AckCode.ERROR, ErrorCode.SEGMENT_SEQUENCE, "缺少 PID 段 · PID segment missing", "PID"
         )
-    _register(session, reader, pids[0], f"hl7:#{record.id}")
+    person = _register(session, reader, pids[0], f"hl7:#{record.id}")
+    from cloudfilm.hl7.orm import record_pv1  # orm builds on this module
+
+    record_pv1(session=session, message=message, person_id=person.id, source=f"hl7:#{record.id}")
 
 
 @handlers.register("ADT^A40")

@@ -17,6 +17,7 @@ from cloudfilm.audit import service as audit
 from cloudfilm.audit.enums import AuditAction, AuditEventType, AuditOutcome
 from cloudfilm.hl7 import adt as _adt  # noqa: F401  (registers the ADT handlers)
 from cloudfilm.hl7 import handlers, sealing
+from cloudfilm.hl7 import orm as _orm  # noqa: F401  (registers the ORM/OMI handlers)
 from cloudfilm.hl7.messages import (
     AckCode,
     Header,
