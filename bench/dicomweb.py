@@ -88,6 +88,14 @@ DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 MR_TEMPLATE = REPO / "tests" / "data" / "mr_small.dcm"
 LARGE_CT = 1000
 FRAME_ACCEPT = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+#: What a client that decodes nothing asks for: uncompressed frames (ours decodes the
+#: stored JPEG-LS for it; Orthanc sends what it stores).
+FRAME_ACCEPT_RAW = 'multipart/related; type="application/octet-stream"'
+FRAME_VARIANTS = (
+    (FRAME_ACCEPT, "identity", "identity"),
+    (FRAME_ACCEPT, "gzip, deflate", "gzip"),
+    (FRAME_ACCEPT_RAW, "identity", "raw"),
+)
 DICOM_JSON = "application/dicom+json"
 QIDO_WARMUP = 3
 WARM_REQUESTS = 10
@@ -305,6 +313,13 @@ class Process:
             self.proc = None
 
 
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=5.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def probe(url: str, headers: dict[str, str]) -> bool:
     """The same first request for both servers: a one-result study search."""
     try:
@@ -317,10 +332,17 @@ def probe(url: str, headers: dict[str, str]) -> bool:
 class Bench:
     """Scratch folder, shared settings, and everything that must be cleaned up."""
 
-    def __init__(self, work: Path, cleanup: contextlib.ExitStack, postgres: str | None) -> None:
+    def __init__(
+        self,
+        work: Path,
+        cleanup: contextlib.ExitStack,
+        postgres: str | None,
+        workers: int = 1,
+    ) -> None:
         self.work = work
         self.cleanup = cleanup
         self.postgres = postgres
+        self.workers = workers
         self.pycache = work / "pycache"
         self._counter = 0
 
@@ -369,14 +391,17 @@ class Ours:
         if bench.postgres:
             self.db_url = bench.create_database()
             extra["CLOUDFILM_DATABASE__URL"] = self.db_url
+        # As many HTTP processes as CPUs (http.workers, docs/install.md): Orthanc's
+        # threads use every CPU too.
+        extra["CLOUDFILM_HTTP__WORKERS"] = str(bench.workers)
         self.env = child_env(bench.pycache, **extra)
         if bench.postgres:
             self.cli("migrate", what="cloudfilm migrate")
         out = self.cli("client", "create", "bench", what="cloudfilm client create")
-        self.token = out.strip().splitlines()[-1].strip()
+        self.secret = out.strip().splitlines()[-1].strip()
         self.port = free_port()
         self.url = f"http://{LOOPBACK}:{self.port}"
-        self.headers = {"Authorization": f"Bearer {self.token}"}
+        self.headers: dict[str, str] = {}
         self.process = Process(
             [
                 *bench.cloudfilm,
@@ -397,17 +422,28 @@ class Ours:
         self._engine: Engine | None = None
         bench.cleanup.callback(self.close)
 
-    def cli(self, *args: str, what: str) -> str:
+    def cli(self, *args: str, what: str, env: dict[str, str] | None = None) -> str:
         _, out = timed(
             [*self.bench.cloudfilm, *args, "--data-dir", str(self.data)],
-            env=self.env,
+            env={**self.env, **(env or {})},
             cwd=self.base,
             what=what,
         )
         return out
 
     def start(self) -> None:
-        self.process.start(lambda: probe(self.url, self.headers), "cloudfilm serve")
+        self.process.start(lambda: healthy(self.url), "cloudfilm serve")
+        if not self.headers:  # a bearer token for the client (OAuth2 client credentials)
+            granted = httpx.post(
+                f"{self.url}/api/oauth/token",
+                data={"grant_type": "client_credentials"},
+                auth=("bench", self.secret),
+                timeout=HTTP_TIMEOUT,
+            )
+            expect(granted, "cloudfilm token")
+            self.headers = {"Authorization": f"Bearer {granted.json()['access_token']}"}
+        if not probe(self.url, self.headers):
+            raise BenchError("cloudfilm serve does not answer a study search")
 
     def stop(self) -> None:
         self.process.stop()
@@ -436,8 +472,10 @@ class Ours:
             return int(conn.execute(text("SELECT count(*) FROM study")).scalar_one())
 
     def load(self, folders: Sequence[Path]) -> None:
-        """``cloudfilm import`` (the server is stopped meanwhile)."""
+        """``cloudfilm import``, then the lossless compression it queued (the server is
+        stopped meanwhile): the objects are measured in the form they are kept in."""
         self.stop()
+        now = {"CLOUDFILM_COMPRESSION__DEFERRED_DELAY_SECONDS": "0"}
         self.cli(
             "import",
             "--quiet",
@@ -445,7 +483,9 @@ class Ours:
             "2",
             *map(str, folders),
             what="cloudfilm import",
+            env=now,
         )
+        self.cli("storage", "compress", what="cloudfilm storage compress", env=now)
 
     def add_fillers(self, fillers: Sequence[Filler]) -> float:
         """Insert patient and study rows straight into the index (server stopped)."""
@@ -699,7 +739,9 @@ def series_metadata(
     return samples, size, used
 
 
-def frames(system: System, corpus: Corpus, clients: int, encoding: str) -> tuple[float, int]:
+def frames(
+    system: System, corpus: Corpus, clients: int, encoding: str, accept: str = FRAME_ACCEPT
+) -> tuple[float, int]:
     """Frame 1 of every instance with ``clients`` threads; (seconds, frame bytes received).
 
     ``encoding`` is the Accept-Encoding sent: ``gzip, deflate`` as browsers (and httpx) send
@@ -714,9 +756,7 @@ def frames(system: System, corpus: Corpus, clients: int, encoding: str) -> tuple
         todo.put(url)
     received = [0] * clients
     errors: list[BaseException] = []
-    http = [
-        system.client(Accept=FRAME_ACCEPT, **{"Accept-Encoding": encoding}) for _ in range(clients)
-    ]
+    http = [system.client(Accept=accept, **{"Accept-Encoding": encoding}) for _ in range(clients)]
     try:
         # One untimed frame per client: opens its connection.
         for client in http:
@@ -734,7 +774,8 @@ def frames(system: System, corpus: Corpus, clients: int, encoding: str) -> tuple
                         return
                     response = client.get(url)
                     expect(response, f"{system.name} frame")
-                    if len(response.content) < 512 * 512 * 2:
+                    # A 512 x 512 CT frame: 512 kB uncompressed, ~140 kB in JPEG-LS.
+                    if len(response.content) < 32 * 1024:
                         raise BenchError(f"{system.name} frame: only {len(response.content)} B")
                     received[slot] += len(response.content)
             except BaseException as exc:
@@ -937,11 +978,12 @@ class Runner:
                 system.start()
                 self.metadata(system, self.ct, "ct134")
                 self.qido(system, 1)
-                for encoding, tag in (("identity", "identity"), ("gzip, deflate", "gzip")):
+                for accept, encoding, tag in FRAME_VARIANTS:
                     for clients in FRAME_CLIENTS:
-                        seconds, size = frames(system, self.ct, clients, encoding)
+                        seconds, size = frames(system, self.ct, clients, encoding, accept)
+                        form = "as stored" if accept == FRAME_ACCEPT else "uncompressed"
                         label = (
-                            f"frames, {clients} client{'s' if clients > 1 else ''}, "
+                            f"frames {form}, {clients} client{'s' if clients > 1 else ''}, "
                             f"Accept-Encoding {encoding}"
                         )
                         self.results.add(
@@ -1180,6 +1222,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--requests", type=int, default=25, help="timed QIDO requests per run (default 25)"
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="our HTTP worker processes, http.workers (default: the number of CPUs)",
+    )
+    parser.add_argument(
         "--scales",
         default="1000,10000,100000",
         help="study counts for QIDO beyond 1 (default 1000,10000,100000)",
@@ -1236,6 +1284,7 @@ def facts(bench: Bench, runner: Runner, postgres: str | None) -> dict[str, str]:
         info["database (ours)"] = f"PostgreSQL {version} at {make_url(postgres).host}"
     else:
         info["database (ours)"] = "SQLite (embedded default, in the data directory)"
+    info["http.workers (ours)"] = str(bench.workers)
     return info
 
 
@@ -1268,7 +1317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tempfile.TemporaryDirectory(prefix="cloudfilm-bench-dicomweb-") as scratch,
         contextlib.ExitStack() as cleanup,
     ):
-        bench = Bench(Path(scratch), cleanup, args.postgres)
+        bench = Bench(Path(scratch), cleanup, args.postgres, args.workers)
         try:
             ct = Corpus.load(shared / CT_134)
             large = Corpus.load(make_large_ct(bench, shared))

@@ -9,14 +9,19 @@ and stored with the record.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import queue
 import re
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
-from starlette.concurrency import run_in_threadpool
+from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -26,6 +31,7 @@ from cloudfilm.audit.service import Actor
 
 if TYPE_CHECKING:
     from cloudfilm.archive.ingest import Archive
+    from cloudfilm.db import Database
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _STUDY_IN_PATH = re.compile(r"/studies/([0-9.]{1,64})")
@@ -70,6 +76,7 @@ class AuditMiddleware:
         self.app = app
         self.archive = archive
         self.audited = audited
+        self.writer = AuditWriter(archive.db)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -87,7 +94,7 @@ class AuditMiddleware:
             nonlocal recorded
             if audited and not recorded:
                 recorded = True
-                await run_in_threadpool(_record, self.archive, request, status)
+                await self.writer.write(_fields(request, status))
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -127,7 +134,9 @@ def _outcome(status: int) -> AuditOutcome:
     return AuditOutcome.MAJOR_FAILURE if status >= 500 else AuditOutcome.MINOR_FAILURE
 
 
-def _record(archive: Archive, request: Request, status: int) -> None:
+def _fields(request: Request, status: int) -> dict[str, Any]:
+    """The audit record of ``request`` answered with ``status`` (keyword arguments of
+    :func:`cloudfilm.audit.service.record`, without the connection)."""
     actor: Actor = getattr(request.state, "actor", None) or Actor(
         ActorType.ANONYMOUS,
         "anonymous",
@@ -136,7 +145,8 @@ def _record(archive: Archive, request: Request, status: int) -> None:
     if actor.request_id is None:
         actor = Actor(actor.type, actor.id, actor.source, actor.role, request.state.request_id)
     found: Note | None = getattr(request.state, "audit_note", None)
-    described = found or _default(request)
+    default = _default(request)
+    described = found or default
     event = described.event_type
     if status == 401:
         event = AuditEventType.AUTHENTICATION_FAILED
@@ -146,17 +156,112 @@ def _record(archive: Archive, request: Request, status: int) -> None:
     if request.url.query:
         detail["query"] = str(request.url.query)[:2000]
     detail["status"] = status
-    with archive.db.engine.begin() as conn:  # Core: the ORM session costs more than the row
-        audit.record(
-            session=conn,
-            actor=actor,
-            event_type=event,
-            action=described.action,
-            outcome=_outcome(status),
-            object_type=described.object_type or "http",
-            object_id=(described.object_id or request.url.path)[-128:],
-            patient_id=described.patient_id,
-            study_instance_uid=described.study_instance_uid or _default(request).study_instance_uid,
-            message=f"{request.method} {request.url.path[:900]} -> {status}",
-            detail=detail,
-        )
+    return {
+        "actor": actor,
+        "event_type": event,
+        "action": described.action,
+        "outcome": _outcome(status),
+        "object_type": described.object_type or "http",
+        "object_id": (described.object_id or request.url.path)[-128:],
+        "patient_id": described.patient_id,
+        "study_instance_uid": described.study_instance_uid or default.study_instance_uid,
+        "message": f"{request.method} {request.url.path[:900]} -> {status}",
+        "detail": detail,
+    }
+
+
+_Waiting = tuple[dict[str, Any], asyncio.AbstractEventLoop, "asyncio.Future[None]"]
+
+
+class AuditWriter:
+    """Appends the records of HTTP requests from one thread, with group commit.
+
+    A request waits until its record is committed (the answer starts only then), but it
+    does not take a thread of the pool, a pooled connection and a transaction of its
+    own: records that arrive while a commit runs go into the next one together, on one
+    connection the writer keeps. Each record is still chained one by one
+    (:func:`cloudfilm.audit.service.record`), so the chain is the same as with one
+    transaction per record; other processes append between two of our commits under
+    the same write lock.
+    """
+
+    _BATCH = 256
+    _IDLE_SECONDS = 5.0
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._queue: queue.SimpleQueue[_Waiting] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    async def write(self, fields: dict[str, Any]) -> None:
+        """Append one record; returns when it is committed (raises what the commit raised)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._queue.put((fields, loop, done))
+        self._start()
+        await done
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        conn: Connection | None = None
+        try:
+            while True:
+                try:
+                    first = self._queue.get(timeout=self._IDLE_SECONDS)
+                except queue.Empty:
+                    with self._lock:  # idle: let the connection go, unless work just came
+                        if self._queue.empty():
+                            self._thread = None
+                            return
+                    continue
+                batch = [first]
+                while len(batch) < self._BATCH:
+                    try:
+                        batch.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                conn, error = self._commit(conn, batch)
+                for _, loop, done in batch:
+                    loop.call_soon_threadsafe(_settle, done, error)
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+
+    def _commit(
+        self, conn: Connection | None, batch: list[_Waiting]
+    ) -> tuple[Connection | None, BaseException | None]:
+        """Append ``batch`` in one transaction; once more on a fresh connection when the
+        kept one turns out to be broken (a database restart)."""
+        for attempt in (1, 2):
+            try:
+                if conn is None:
+                    conn = self.db.engine.connect()
+                with conn.begin():
+                    for fields, _, _ in batch:
+                        audit.record(session=conn, **fields)
+                return conn, None
+            except Exception as exc:  # noqa: BLE001 - handed to every waiting request
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.close()
+                conn = None
+                invalidated = isinstance(exc, DBAPIError) and exc.connection_invalidated
+                if attempt == 2 or not invalidated:
+                    return None, exc
+        raise AssertionError("unreachable")
+
+
+def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
+    if done.done():
+        return
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)
