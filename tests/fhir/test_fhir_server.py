@@ -142,7 +142,7 @@ def test_metadata__public_capability_statement(live_server: LiveServer) -> None:
     body = get(live_server, "metadata", headers={})
     assert body["fhirVersion"] == "4.0.1"
     kinds = {r["type"]: r for r in body["rest"][0]["resource"]}
-    assert set(kinds) == {"Patient", "ImagingStudy", "AuditEvent"}
+    assert set(kinds) == {"Patient", "ImagingStudy", "AuditEvent", "ServiceRequest", "Encounter"}
     assert {"identifier", "name", "birthdate", "_lastUpdated"} <= {
         p["name"] for p in kinds["Patient"]["searchParam"]
     }
@@ -315,7 +315,7 @@ def test_fhirclient__reads_patient_and_searches_studies(
 
 
 def test_unsupported_type__operation_outcome(live_server: LiveServer) -> None:
-    body = get(live_server, "Encounter", status=404)
+    body = get(live_server, "Appointment", status=404)
     assert body["issue"][0]["code"] == "not-supported"
-    get(live_server, "Encounter/1", status=404)
+    get(live_server, "Appointment/1", status=404)
     assert "entry" not in get(live_server, "Patient")  # FHIR JSON has no empty arrays

@@ -137,9 +137,12 @@ def _modality(code: str) -> dict[str, str]:
     return {"system": DCM, "code": code}
 
 
-def imaging_study(study: Study, series: list[Series], dicomweb: str) -> dict[str, Any]:
+def imaging_study(
+    study: Study, series: list[Series], dicomweb: str, based_on: list[int] | None = None
+) -> dict[str, Any]:
     """A study with its series as a FHIR ImagingStudy; ``dicomweb`` is the DICOMweb base
-    (WADO-RS) the contained Endpoint points at."""
+    (WADO-RS) the contained Endpoint points at, ``based_on`` the ids of the orders
+    (ServiceRequest) it was made for."""
     identifiers = [_uid_identifier(study.study_instance_uid)]
     if study.accession_number:
         identifiers.append(
@@ -177,6 +180,11 @@ def imaging_study(study: Study, series: list[Series], dicomweb: str) -> dict[str
         "identifier": identifiers,
         "status": "available",
         "subject": {"reference": f"Patient/{study.patient_pk}"},
+        **(
+            {"basedOn": [{"reference": f"ServiceRequest/{n}"} for n in based_on]}
+            if based_on
+            else {}
+        ),
         "endpoint": [{"reference": "#dicomweb"}],
         "numberOfSeries": study.number_of_series,
         "numberOfInstances": study.number_of_instances,

@@ -11,14 +11,15 @@ The audit middleware records every request; routes only say what was read.
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 from urllib.parse import urlencode
 
 import orjson
 from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
-from sqlalchemy import ColumnElement, Select, exists, func, or_, select
+from sqlalchemy import ColumnElement, Select, exists, false, func, or_, select
 
 from cloudfilm.archive.ingest import Archive
 from cloudfilm.archive.matching import QueryError, condition, fold, study_has_modality
@@ -30,7 +31,7 @@ from cloudfilm.auth.guard import AuthError, Permit
 from cloudfilm.auth.permissions import Permission
 from cloudfilm.auth.principal import Principal
 from cloudfilm.errors import NotFound
-from cloudfilm.fhir import mapping
+from cloudfilm.fhir import mapping, requests
 from cloudfilm.fhir.params import (
     FHIRError,
     Paging,
@@ -44,6 +45,10 @@ from cloudfilm.fhir.params import (
     reference_id,
 )
 from cloudfilm.httpaudit import note
+from cloudfilm.mpi import service as mpi
+from cloudfilm.mpi.models import PersonIdentifier
+from cloudfilm.orders import service as orders
+from cloudfilm.orders.models import Encounter, ImagingOrder
 
 DEFAULT_COUNT = 20
 """Entries per page when the client sends no ``_count``."""
@@ -254,6 +259,25 @@ _SEARCH_PARAMS: dict[str, list[tuple[str, str, str]]] = {
         ("modality", "token", "A modality of the study (DCM code)"),
         ("patient.identifier", "token", "The patient's PatientID (chained, system|value)"),
     ],
+    "ServiceRequest": [
+        ("_id", "token", "Logical id"),
+        ("_lastUpdated", "date", "When the order last changed"),
+        ("identifier", "token", "Placer, filler or accession number (system|value)"),
+        ("patient", "reference", "The patient (Patient/id)"),
+        ("subject", "reference", "The patient (Patient/id)"),
+        ("status", "token", "active | completed | revoked"),
+        ("authored", "date", "When the order was placed, with prefixes"),
+        ("code", "token", "The requested procedure (system|code)"),
+        ("encounter", "reference", "The visit (Encounter/id)"),
+    ],
+    "Encounter": [
+        ("_id", "token", "Logical id"),
+        ("identifier", "token", "Visit number (PV1-19)"),
+        ("patient", "reference", "The patient (Patient/id)"),
+        ("subject", "reference", "The patient (Patient/id)"),
+        ("date", "date", "Admission (visit start), with prefixes"),
+        ("class", "token", "AMB (outpatient, physical exam) | IMP | EMER"),
+    ],
     "AuditEvent": [
         ("_id", "token", "Logical id"),
         ("date", "date", "When the event was recorded, with prefixes"),
@@ -278,6 +302,9 @@ def capability_statement(request: Request) -> dict[str, Any]:
         }
         if kind == "ImagingStudy":
             entry["searchInclude"] = ["ImagingStudy:subject", "ImagingStudy:patient"]
+        if kind == "ServiceRequest":
+            entry["interaction"] += [{"code": "create"}, {"code": "update"}]
+            entry["updateCreate"] = False
         resources.append(entry)
     return {
         "resourceType": "CapabilityStatement",
@@ -292,7 +319,8 @@ def capability_statement(request: Request) -> dict[str, Any]:
         "rest": [
             {
                 "mode": "server",
-                "documentation": "Read-only: read and search-type. 只读：读取与检索。",
+                "documentation": "读取与检索；检查申请可创建与更新。Read and search-type; "
+                "ServiceRequest also create and update.",
                 "security": {
                     "description": "Bearer token of an integration client (POST /api/oauth/token)"
                     " or a signed-in session; data scopes of the caller's roles apply."
@@ -493,9 +521,17 @@ def _studies_as_fhir(request: Request, studies: list[Study]) -> list[dict[str, A
             .order_by(Series.series_number, Series.id)
         ):
             by_study[row.study_pk].append(row)
+        ordered: dict[int, list[int]] = {}
+        for study_pk, order_id in session.execute(
+            select(Study.id, ImagingOrder.id)
+            .join(ImagingOrder, orders.study_link())
+            .where(Study.id.in_(list(by_study)))
+            .order_by(ImagingOrder.id)
+        ):
+            ordered.setdefault(study_pk, []).append(order_id)
         session.expunge_all()
     dicomweb = _dicomweb_base(request)
-    return [mapping.imaging_study(s, by_study[s.id], dicomweb) for s in studies]
+    return [mapping.imaging_study(s, by_study[s.id], dicomweb, ordered.get(s.id)) for s in studies]
 
 
 _INCLUDES = {"ImagingStudy:subject", "ImagingStudy:patient", "ImagingStudy:subject:Patient"}
@@ -633,6 +669,426 @@ def read_audit(id: str, request: Request, _caller: Auditor) -> Response:  # noqa
         raise FHIRError(404, "not-found", f"no AuditEvent {id!r}")
     note(request, AuditEventType.AUDIT_LOG_USED, AuditAction.READ, "audit", id)
     return _respond(fhir_audit_event(row, observer=_archive(request).settings.dimse.ae_title))
+
+
+# ------------------------------------------------------------------ ServiceRequest
+
+_ORDER = ImagingOrder
+Storer = Annotated[Principal, Depends(Permit(Permission.STUDY_STORE))]
+_WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_READ_ERRORS,
+    409: {"description": "another order has this placer number (OperationOutcome)"},
+    415: {"description": "not application/fhir+json"},
+    422: {"description": "not what an imaging order needs (OperationOutcome)"},
+}
+MAX_RESOURCE_BYTES = 1_000_000
+"""The largest ServiceRequest accepted."""
+
+
+def _order_identifier(raw: str) -> ColumnElement[bool]:
+    token = parse_token(raw)
+    columns = {
+        requests.PLACER_SYSTEM: [_ORDER.placer_order_number],
+        requests.FILLER_SYSTEM: [_ORDER.filler_order_number],
+        mapping.ACCESSION_SYSTEM: [_ORDER.accession_number],
+    }.get(
+        token.system or "",
+        [_ORDER.placer_order_number, _ORDER.filler_order_number, _ORDER.accession_number],
+    )
+    if not token.code:
+        raise invalid("identifier: empty value")
+    return or_(*(column == token.code for column in columns))
+
+
+def _patient_rows(request: Request, raw: str, name: str) -> list[tuple[int, str, str]]:
+    """The archive patient a ``patient``/``subject`` parameter names: (row id, PatientID,
+    issuer), with the MPI person's id (or -1)."""
+    pk = _id_or_none(reference_id(name, raw, "Patient"))
+    with _archive(request).db.read_session() as session:
+        row = session.get(Patient, pk) if pk >= 0 else None
+        if row is None:
+            return []
+        person = mpi.person_of_patient(
+            session=session, patient_id=row.patient_id, issuer=row.issuer_of_patient_id
+        )
+        return [(person.id if person is not None else -1, row.patient_id,
+                 row.issuer_of_patient_id)]  # fmt: skip
+
+
+def _order_patient(request: Request, name: str) -> Callable[[str], ColumnElement[bool]]:
+    def build(raw: str) -> ColumnElement[bool]:
+        found = _patient_rows(request, raw, name)
+        if not found:
+            return false()
+        person_id, patient_id, issuer = found[0]
+        same = _ORDER.patient_id == patient_id
+        by_id = same & (_ORDER.patient_authority == issuer) if issuer else same
+        return or_(_ORDER.person_id == person_id, by_id)
+
+    return build
+
+
+def _fhir_status(raw: str) -> ColumnElement[bool]:
+    code = parse_token(raw).code
+    ours = [k for k, v in requests.FHIR_STATUS.items() if v == code]
+    if code not in ("draft", "active", "on-hold", "revoked", "completed", "entered-in-error",
+                    "unknown"):  # fmt: skip
+        raise invalid(f"status: {raw!r} is not a request-status code")
+    return _ORDER.status.in_(ours) if ours else false()
+
+
+def _procedure(raw: str) -> ColumnElement[bool]:
+    token = parse_token(raw)
+    match = _ORDER.procedure_code == token.code
+    if token.system is None:
+        return match
+    if token.system in ("", requests.PROCEDURE_SYSTEM):
+        return match & (_ORDER.procedure_system == "")
+    return match & (_ORDER.procedure_system == token.system)
+
+
+def _order_conditions(request: Request, values: dict[str, list[str]]) -> list[ColumnElement[bool]]:
+    conditions = _each(values, "_id", lambda v: _ORDER.id == _id_or_none(v))
+    conditions += _each(
+        values,
+        "_lastUpdated",
+        lambda v: instant_condition(_ORDER.updated_at, parse_date("_lastUpdated", v)),
+    )
+    conditions += _each(values, "identifier", _order_identifier)
+    for name in ("patient", "subject"):
+        conditions += _each(values, name, _order_patient(request, name))
+    conditions += _each(values, "status", _fhir_status)
+    conditions += _each(
+        values,
+        "authored",
+        lambda v: instant_condition(
+            func.coalesce(_ORDER.authored_at, _ORDER.created_at), parse_date("authored", v)
+        ),
+    )
+    conditions += _each(values, "code", _procedure)
+    conditions += _each(
+        values,
+        "encounter",
+        lambda v: _ORDER.encounter_id == _id_or_none(reference_id("encounter", v, "Encounter")),
+    )
+    return conditions
+
+
+def _subjects(session: Any, pairs: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    """Archive patient row ids of (PatientID, authority) pairs: the same issuer, else a
+    patient indexed without issuer."""
+    ids = {value for value, _ in pairs if value}
+    if not ids:
+        return {}
+    rows = session.execute(
+        select(Patient.id, Patient.patient_id, Patient.issuer_of_patient_id)
+        .where(Patient.patient_id.in_(ids))
+        .order_by(Patient.id)
+    ).all()
+    found: dict[tuple[str, str], int] = {}
+    for authority_first in (True, False):
+        for pk, value, issuer in rows:
+            for pair in pairs:
+                if pair in found or pair[0] != value:
+                    continue
+                if (authority_first and issuer == pair[1]) or (not authority_first and not issuer):
+                    found[pair] = pk
+    return found
+
+
+def _orders_as_fhir(session: Any, orders_: list[ImagingOrder]) -> list[dict[str, Any]]:
+    pairs = {(o.patient_id, o.patient_authority) for o in orders_}
+    known = _subjects(session, pairs)
+    return [
+        requests.service_request(
+            o,
+            requests.subject(
+                known.get((o.patient_id, o.patient_authority)), o.patient_id, o.patient_authority
+            )
+            if o.patient_id
+            else None,
+        )
+        for o in orders_
+    ]
+
+
+def _visible_orders(caller: Principal) -> ColumnElement[bool] | None:
+    return orders.visible_order(_scope(caller))
+
+
+@router.get("/ServiceRequest", summary="Search imaging orders", responses=_ERRORS)
+def search_orders(request: Request, caller: Searcher) -> Response:
+    values = _parameters(request, {p[0] for p in _SEARCH_PARAMS["ServiceRequest"]})
+    page = paging(values, default=DEFAULT_COUNT, maximum=MAX_COUNT)
+    stmt = select(ImagingOrder).where(*_order_conditions(request, values))
+    if (visible := _visible_orders(caller)) is not None:
+        stmt = stmt.where(visible)
+    order: list[Any] = [
+        func.coalesce(_ORDER.authored_at, _ORDER.created_at).desc(),
+        _ORDER.id.desc(),
+    ]
+    with _archive(request).db.read_session() as session:
+        total = int(session.scalar(select(func.count()).select_from(stmt.subquery())) or 0)
+        rows = (
+            list(session.scalars(stmt.order_by(*order).limit(page.count).offset(page.offset)))
+            if page.count
+            else []
+        )
+        resources = _orders_as_fhir(session, rows)
+    note(request, AuditEventType.QUERY, AuditAction.EXECUTE, "fhir", "ServiceRequest")
+    base = fhir_base(request)
+    entries = [_entry(base, r) for r in resources]
+    return _respond(_page_bundle(request, "ServiceRequest", page, total, entries))
+
+
+def _one_order(session: Any, id: str, caller: Principal) -> ImagingOrder:  # noqa: A002
+    stmt = select(ImagingOrder).where(_ORDER.id == _row_id("ServiceRequest", id))
+    if (visible := _visible_orders(caller)) is not None:
+        stmt = stmt.where(visible)
+    row = session.scalars(stmt).one_or_none()
+    if row is None:
+        raise FHIRError(404, "not-found", f"no ServiceRequest {id[:64]!r} in this archive")
+    return cast(ImagingOrder, row)
+
+
+@router.get("/ServiceRequest/{id}", summary="Read an imaging order", responses=_READ_ERRORS)
+def read_order(id: str, request: Request, caller: Reader) -> Response:  # noqa: A002
+    with _archive(request).db.read_session() as session:
+        row = _one_order(session, id, caller)
+        [resource] = _orders_as_fhir(session, [row])
+        patient_id = row.patient_id
+    note(request, AuditEventType.QUERY, AuditAction.READ, "fhir", f"ServiceRequest/{id}",
+         patient_id=patient_id or None)  # fmt: skip
+    return _respond(resource)
+
+
+async def _resource_body(request: Request) -> Any:
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind not in (mapping.FHIR_JSON, "application/json", "application/json+fhir"):
+        raise FHIRError(415, "not-supported", "send the resource as application/fhir+json")
+    raw = await request.body()
+    if len(raw) > MAX_RESOURCE_BYTES:
+        raise FHIRError(413, "too-long", f"resource larger than {MAX_RESOURCE_BYTES} bytes")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise FHIRError(400, "structure", f"the body is not JSON ({exc.msg})") from exc
+
+
+def _subject_person(session: Any, pushed: requests.Pushed, source: str) -> tuple[int, str, str]:
+    """The MPI person a pushed order is for, created as ADT would: (person id,
+    PatientID, authority)."""
+    if pushed.patient_ref is not None:
+        pk = _id_or_none(pushed.patient_ref.removeprefix("Patient/"))
+        row = session.get(Patient, pk) if pk >= 0 else None
+        if row is None:
+            raise FHIRError(422, "not-found", f"subject: no {pushed.patient_ref} here")
+        authority, value = row.issuer_of_patient_id, row.patient_id
+    else:
+        assert pushed.patient_identifier is not None
+        authority, value = pushed.patient_identifier
+    try:
+        ident = mpi.identifier("PI", authority, value)
+        person = mpi.register(session=session, identifiers=[ident],
+                              demographics=mpi.Demographics(), source=source)  # fmt: skip
+    except mpi.InvalidIdentifier as exc:
+        raise FHIRError(422, "value", f"subject: {exc}") from exc
+    return person.id, ident.value, ident.authority
+
+
+def _apply_pushed(
+    request: Request,
+    caller: Principal,
+    body: Any,
+    id: str | None,  # noqa: A002
+) -> tuple[dict[str, Any], int]:
+    pushed = requests.read_service_request(body)
+    if id is not None and body.get("id") != id:
+        raise FHIRError(400, "invalid", f"id: the body's id must be {id!r} (the URL's)")
+    actor = caller.actor(request.client.host if request.client else None)
+    source = f"fhir:{actor.id}"[:128]
+    with _archive(request).db.session() as session:
+        existing = _one_order(session, id, caller) if id is not None else None
+        clash = orders.find_order(session=session, placer=pushed.data.placer_order_number)
+        if clash is not None and (existing is None or clash.id != existing.id):
+            raise FHIRError(
+                409,
+                "duplicate",
+                f"申请单号已存在 · ServiceRequest/{clash.id} has placer number "
+                f"{pushed.data.placer_order_number!r}; update that one (PUT)",
+            )
+        person_id, patient_id, authority = _subject_person(session, pushed, source)
+        pushed.data.patient_id, pushed.data.patient_authority = patient_id, authority
+        if pushed.encounter_ref is not None:
+            visit = session.get(
+                Encounter, _id_or_none(pushed.encounter_ref.removeprefix("Encounter/"))
+            )
+            if visit is None:
+                raise FHIRError(422, "not-found", f"encounter: no {pushed.encounter_ref} here")
+            pushed.data.visit_number, pushed.data.visit_type = visit.visit_number, visit.visit_type
+            pushed.data.ward, pushed.data.room, pushed.data.bed = visit.ward, visit.room, visit.bed
+        status = None
+        if existing is None or requests.FHIR_STATUS.get(existing.status) != pushed.status:
+            status = requests.ORDER_STATUS.get(pushed.status)
+        row = orders.save_order(
+            session=session,
+            data=pushed.data,
+            status=status,
+            control="update" if existing is not None else "create",
+            source=source,
+            person_id=person_id,
+            order=existing,
+            forward_only=False,
+        )
+        if pushed.encounter_ref is not None:
+            row.encounter_id = _id_or_none(pushed.encounter_ref.removeprefix("Encounter/"))
+            session.flush()
+        [resource] = _orders_as_fhir(session, [row])
+        order_id = row.id
+    note(
+        request,
+        AuditEventType.HTTP_REQUEST,
+        AuditAction.UPDATE if id is not None else AuditAction.CREATE,
+        "fhir",
+        f"ServiceRequest/{order_id}",
+        patient_id=patient_id,
+    )
+    return resource, order_id
+
+
+@router.post(
+    "/ServiceRequest",
+    summary="Create an imaging order (a RIS or HIS pushing it)",
+    responses=_WRITE_ERRORS,
+    status_code=201,
+)
+async def create_order(request: Request, caller: Storer) -> Response:
+    body = await _resource_body(request)
+    resource, order_id = await run_in_threadpool(_apply_pushed, request, caller, body, None)
+    response = _respond(resource, 201)
+    response.headers["Location"] = f"{fhir_base(request)}/ServiceRequest/{order_id}"
+    return response
+
+
+@router.put("/ServiceRequest/{id}", summary="Update an imaging order", responses=_WRITE_ERRORS)
+async def update_order(id: str, request: Request, caller: Storer) -> Response:  # noqa: A002
+    body = await _resource_body(request)
+    resource, _ = await run_in_threadpool(_apply_pushed, request, caller, body, id)
+    return _respond(resource)
+
+
+# ------------------------------------------------------------------ Encounter
+
+_VISIT = Encounter
+
+
+def _visit_identifier(raw: str) -> ColumnElement[bool]:
+    token = parse_token(raw)
+    if token.system not in (None, "", requests.VISIT_SYSTEM):
+        return false()
+    return _VISIT.visit_number == token.code
+
+
+def _visit_patient(request: Request, name: str) -> Callable[[str], ColumnElement[bool]]:
+    def build(raw: str) -> ColumnElement[bool]:
+        found = _patient_rows(request, raw, name)
+        return _VISIT.person_id == found[0][0] if found else false()
+
+    return build
+
+
+def _visit_class(raw: str) -> ColumnElement[bool]:
+    token = parse_token(raw)
+    if token.system not in (None, "", requests.ACT_CODE):
+        raise invalid(f"class: system {token.system!r} unknown; use {requests.ACT_CODE}")
+    if token.code not in requests.CLASS_VISIT_TYPES:
+        raise invalid(f"class: {token.code!r} is not one of AMB, IMP, EMER")
+    return _VISIT.visit_type.in_(requests.CLASS_VISIT_TYPES[token.code])
+
+
+def _visit_conditions(request: Request, values: dict[str, list[str]]) -> list[ColumnElement[bool]]:
+    conditions = _each(values, "_id", lambda v: _VISIT.id == _id_or_none(v))
+    conditions += _each(values, "identifier", _visit_identifier)
+    for name in ("patient", "subject"):
+        conditions += _each(values, name, _visit_patient(request, name))
+    conditions += _each(
+        values,
+        "date",
+        lambda v: instant_condition(
+            func.coalesce(_VISIT.admitted_at, _VISIT.created_at), parse_date("date", v)
+        ),
+    )
+    conditions += _each(values, "class", _visit_class)
+    return conditions
+
+
+def _visible_visits(caller: Principal) -> ColumnElement[bool] | None:
+    visible = _visible_orders(caller)
+    if visible is None:
+        return None
+    return exists(select(_ORDER.id).where(_ORDER.encounter_id == _VISIT.id, visible))
+
+
+def _visits_as_fhir(session: Any, rows: list[Encounter]) -> list[dict[str, Any]]:
+    persons = {r.person_id for r in rows if r.person_id is not None}
+    held: dict[int, tuple[str, str]] = {}
+    if persons:
+        for person_id, value, authority in session.execute(
+            select(PersonIdentifier.person_id, PersonIdentifier.value, PersonIdentifier.authority)
+            .where(
+                PersonIdentifier.person_id.in_(persons),
+                PersonIdentifier.id_type == "PI",
+                PersonIdentifier.value.is_not(None),
+            )
+            .order_by(PersonIdentifier.id)
+        ):
+            held.setdefault(person_id, (value, authority))
+    known = _subjects(session, set(held.values()))
+    resources = []
+    for row in rows:
+        pair = held.get(row.person_id) if row.person_id is not None else None
+        patient = requests.subject(known.get(pair), *pair) if pair is not None else None
+        resources.append(requests.encounter(row, patient))
+    return resources
+
+
+@router.get("/Encounter", summary="Search visits (encounters)", responses=_ERRORS)
+def search_visits(request: Request, caller: Searcher) -> Response:
+    values = _parameters(request, {p[0] for p in _SEARCH_PARAMS["Encounter"]})
+    page = paging(values, default=DEFAULT_COUNT, maximum=MAX_COUNT)
+    stmt = select(Encounter).where(*_visit_conditions(request, values))
+    if (visible := _visible_visits(caller)) is not None:
+        stmt = stmt.where(visible)
+    order: list[Any] = [
+        func.coalesce(_VISIT.admitted_at, _VISIT.created_at).desc(),
+        _VISIT.id.desc(),
+    ]
+    with _archive(request).db.read_session() as session:
+        total = int(session.scalar(select(func.count()).select_from(stmt.subquery())) or 0)
+        rows = (
+            list(session.scalars(stmt.order_by(*order).limit(page.count).offset(page.offset)))
+            if page.count
+            else []
+        )
+        resources = _visits_as_fhir(session, rows)
+    note(request, AuditEventType.QUERY, AuditAction.EXECUTE, "fhir", "Encounter")
+    base = fhir_base(request)
+    entries = [_entry(base, r) for r in resources]
+    return _respond(_page_bundle(request, "Encounter", page, total, entries))
+
+
+@router.get("/Encounter/{id}", summary="Read a visit (encounter)", responses=_READ_ERRORS)
+def read_visit(id: str, request: Request, caller: Reader) -> Response:  # noqa: A002
+    stmt = select(Encounter).where(_VISIT.id == _row_id("Encounter", id))
+    if (visible := _visible_visits(caller)) is not None:
+        stmt = stmt.where(visible)
+    with _archive(request).db.read_session() as session:
+        row = session.scalars(stmt).one_or_none()
+        if row is None:
+            raise FHIRError(404, "not-found", f"no Encounter {id[:64]!r} in this archive")
+        [resource] = _visits_as_fhir(session, [row])
+    note(request, AuditEventType.QUERY, AuditAction.READ, "fhir", f"Encounter/{id}")
+    return _respond(resource)
 
 
 # ------------------------------------------------------------------ anything else

@@ -33,7 +33,7 @@ from cloudfilm.hl7.messages import AckCode, ErrorCode, MessageError
 from cloudfilm.hl7.models import HL7Message
 from cloudfilm.orders import service as orders
 from cloudfilm.orders.models import OrderStatus, VisitType
-from cloudfilm.orders.service import OrderData, VisitData
+from cloudfilm.orders.service import LOCAL_ZONE, OrderData, VisitData
 
 NEW_CONTROLS = frozenset({"NW"})
 CHANGE_CONTROLS = frozenset({"XO"})
@@ -64,14 +64,12 @@ VISIT_TYPES = {
     "体检": VisitType.PHYSICAL_EXAM,
 }
 
-#: A TS without a zone is the sender's local time; the hospitals served keep China
-#: Standard Time.
-LOCAL_ZONE = timezone(timedelta(hours=8))
 _TS = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.\d+)?([+-]\d{4})?$")
 
 
 def parse_ts(value: str, where: str) -> datetime | None:
-    """TS/DTM ``YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ]`` → an aware datetime (UTC)."""
+    """TS/DTM ``YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ]`` → an aware datetime (UTC); without
+    a zone the sender's local time (:data:`~cloudfilm.orders.service.LOCAL_ZONE`)."""
     value = value.strip()
     if not value:
         return None

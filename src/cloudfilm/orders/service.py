@@ -8,7 +8,7 @@ transactions.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, exists, or_, select
@@ -22,6 +22,10 @@ from cloudfilm.orders.models import (
     OrderStatus,
     OrderStatusChange,
 )
+
+LOCAL_ZONE = timezone(timedelta(hours=8))
+"""The zone of times senders give without one (HL7 TS, FHIR dates): the hospitals served
+keep China Standard Time."""
 
 #: How far along each status is: HL7 status messages only move an order forward, so a
 #: late (out-of-order) SC "scheduled" after "completed" leaves it completed.
