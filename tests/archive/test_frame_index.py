@@ -78,3 +78,22 @@ def test_locate__no_pixels_or_damaged() -> None:
     assert frames.locate(b"not dicom at all") is None
     cut = _stored(DATA / "emri_small_jpeg_ls_lossless.dcm")
     assert frames.locate(cut[: len(cut) - 5000]) is None  # fragments run past the end
+
+
+@pytest.mark.parametrize(
+    "name", ["ct_small.dcm", "mr_small.dcm", "emri_small_jpeg_ls_lossless.dcm"]
+)
+def test_locate__from_the_ingest_parse_without_parsing_again(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parsed = parse_instance((DATA / name).read_bytes(), LIMITS)
+    parsed_again = frames.locate(parsed.blob)
+    assert parsed_again is not None
+    # A wrong shift does not land on the Pixel Data header: the blob is parsed instead.
+    assert frames.locate(parsed.blob, parsed.ds, (parsed.read_shift or 0) + 2) == parsed_again
+
+    def parse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the blob was parsed again")
+
+    monkeypatch.setattr(frames, "dcmread", parse)
+    assert frames.locate(parsed.blob, parsed.ds, parsed.read_shift) == parsed_again

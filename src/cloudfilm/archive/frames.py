@@ -33,17 +33,35 @@ _ITEM = b"\xfe\xff\x00\xe0"
 _SEQUENCE_END = b"\xfe\xff\xdd\xe0"
 
 
-def locate(blob: bytes) -> str | None:
-    """The frame index of the stored object ``blob`` (JSON text), or ``None``."""
+def locate(blob: bytes, ds: Dataset | None = None, shift: int | None = None) -> str | None:
+    """The frame index of the stored object ``blob`` (JSON text), or ``None``.
+
+    ``ds`` is the object already parsed (ingest has it) from bytes that equal the blob
+    once ``shift`` is added to the positions pydicom recorded; the blob is then not parsed
+    again (about 0.5 ms a CT slice). Without them, or when the recorded position does not
+    fall on the Pixel Data element of the blob, the blob is parsed.
+    """
+    if ds is not None and shift is not None:
+        found = _locate(blob, ds, shift)
+        if found is not None:
+            return found
     try:
-        ds = dcmread(io.BytesIO(blob), defer_size=1024)
+        return _locate(blob, dcmread(io.BytesIO(blob), defer_size=1024), 0)
+    except Exception:  # noqa: BLE001 - any surprise: no index, the parsing path still works
+        return None
+
+
+def _locate(blob: bytes, ds: Dataset, shift: int) -> str | None:
+    try:
         element = ds.get_item(_PIXEL_DATA)
         if element is None:
             return None
         tell = element.value_tell if hasattr(element, "value_tell") else element.file_tell
         if tell is None:
             return None
-        offset = int(tell)
+        offset = int(tell) + shift
+        if not _at_pixel_data(blob, offset):
+            return None
         ts = UID(str(ds.file_meta.TransferSyntaxUID))
         count = int(ds.get("NumberOfFrames", 1) or 1)
         index = (
@@ -54,6 +72,15 @@ def locate(blob: bytes) -> str | None:
     except Exception:  # noqa: BLE001 - any surprise: no index, the parsing path still works
         return None
     return orjson.dumps(index).decode() if index is not None else None
+
+
+def _at_pixel_data(blob: bytes, offset: int) -> bool:
+    """Whether the value at ``offset`` follows a Pixel Data element header: tag and
+    length (implicit VR), or tag, VR, two reserved bytes and length (explicit VR)."""
+    tag = b"\xe0\x7f\x10\x00"
+    return offset >= 12 and (
+        blob[offset - 8 : offset - 4] == tag or blob[offset - 12 : offset - 8] == tag
+    )
 
 
 def _native(ds: Dataset, offset: int, count: int, ts: UID, size: int) -> dict[str, Any] | None:

@@ -75,6 +75,9 @@ class ParsedInstance:
     transfer_syntax_uid: str
     notes: list[str] = field(default_factory=list)
     """Things that were odd but acceptable (kept for the audit record)."""
+    read_shift: int | None = None
+    """Add to a file position pydicom recorded in :attr:`ds` to get the position in
+    :attr:`blob` (``None`` when :attr:`ds` was not read from bytes equal to the blob's)."""
 
     @property
     def sop_instance_uid(self) -> str:
@@ -118,6 +121,7 @@ def parse_instance(
     notes: list[str] = []
     dataset_bytes, ts = _split_dataset(data, transfer_syntax_uid, notes)
     ds = _read_dataset(dataset_bytes, ts)
+    read_header = len(part10_header(ts))
     _check_identity(ds)
     _check_character_set(ds)
     _check_complete(ds)
@@ -131,7 +135,12 @@ def parse_instance(
     blob = head + dataset_bytes
     offset = len(head)
     return ParsedInstance(
-        blob=blob, dataset_offset=offset, ds=ds, transfer_syntax_uid=ts, notes=notes
+        blob=blob,
+        dataset_offset=offset,
+        ds=ds,
+        transfer_syntax_uid=ts,
+        notes=notes,
+        read_shift=offset - read_header,
     )
 
 

@@ -121,7 +121,11 @@ def describe(parsed: ParsedInstance) -> IndexRecord:
         series=_series_values(header),
         instance={
             **_instance_values(header, parsed.transfer_syntax_uid),
-            "frame_index": frames.locate(parsed.blob) if "7FE00010" in data else None,
+            "frame_index": (
+                frames.locate(parsed.blob, parsed.ds, parsed.read_shift)
+                if "7FE00010" in data
+                else None
+            ),
         },
         dicom_json=orjson.dumps(data).decode(),
         notes=tuple(parsed.notes),
