@@ -1,8 +1,10 @@
-"""FHIR R4 REST routes under ``/fhir/R4`` (read and search; R4 3.1.0 RESTful API).
+"""FHIR R4 REST routes under ``/fhir/R4`` (read and search; create and update of
+ServiceRequest; R4 3.1.0 RESTful API).
 
 Every route declares one :class:`Permit`. Study-bearing resources apply the caller's data
 scope like DICOMweb (:func:`cloudfilm.dicomweb.router.scope_of`): a study outside it is
-absent (404 on read, left out of searches), a patient is visible through a visible study.
+absent (404 on read, left out of searches), a patient is visible through a visible study,
+an order (ServiceRequest) and its visit (Encounter) through a visible study of the order.
 Errors are OperationOutcome resources; the guard's 401/403 become one too when the client
 asks for ``application/fhir+json`` (FHIR clients do), and keep the guard's JSON otherwise.
 The audit middleware records every request; routes only say what was read.
