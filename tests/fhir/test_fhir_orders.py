@@ -233,6 +233,10 @@ def test_service_request__bad_input_operation_outcome(live_server: LiveServer) -
     )
     first = post(server, request_body("B5", someone))
     assert "PUT" in issue(post(server, request_body("B5", someone), 409))
+    by_filler = {**request_body("", someone), "identifier": [{"system": "urn:cloudfilm:"
+                 "filler-order", "value": "FB6"}]}  # fmt: skip
+    post(server, by_filler)
+    assert "FB6" in issue(post(server, by_filler, 409))
     wrong_id = {**request_body("B5", someone), "id": "12345"}
     call(server, "PUT", f"ServiceRequest/{first['id']}", 400, json=wrong_id)
     call(server, "PUT", "ServiceRequest/99999", 404, json={**wrong_id, "id": "99999"})

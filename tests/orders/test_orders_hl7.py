@@ -308,17 +308,36 @@ def test_orm__bad_message_answered_ae_and_stored(
 
 
 def test_adt_pv1__records_the_visit(archive: Archive, listener: HL7Listener) -> None:
-    adt = (
-        "MSH|^~\\&|HIS|人民医院|CLOUDFILM|影像科|20261128083000||ADT^A01^ADT_A01|A1|P|2.5"
-        "|||AL|NE|CHN|UNICODE UTF-8\rPID|1||P901^^^HIS^PI||王芳^^^^^^L||19900101|F\r"
-        "PV1|1|E|急诊留观^2^3|||||||急诊科|||||||||E0001\r"
-    ).encode()
-    [ack] = send(listener, adt)
-    assert ack_code(ack) == "AA"
+    def adt(control_id: str, admitted: str) -> bytes:
+        return (
+            "MSH|^~\\&|HIS|人民医院|CLOUDFILM|影像科|20261128083000||ADT^A01^ADT_A01|"
+            f"{control_id}|P|2.5|||AL|NE|CHN|UNICODE UTF-8\r"
+            "PID|1||P901^^^HIS^PI||王芳^^^^^^L||19900101|F\r"
+            "PV1|1|E|急诊留观^2^3|||||||急诊科|||||||||E0001" + "|" * 25 + admitted + "\r"
+        ).encode()
+
+    # An ADT is about the person: a PV1 time that is no date is left out, not refused.
+    acks = send(listener, adt("A1", "yesterday"), adt("A2", "20261128070000"))
+    assert [ack_code(a) for a in acks] == ["AA", "AA"]
     with archive.db.read_session() as session:
         encounter = session.scalars(select(Encounter)).one()
     assert (encounter.visit_number, encounter.visit_type) == ("E0001", "emergency")
     assert (encounter.ward, encounter.department) == ("急诊留观", "急诊科")
+    assert aware(encounter.admitted_at) == datetime(2026, 11, 27, 23, 0, tzinfo=UTC)
+
+
+def test_orm__same_filler_number_of_another_placer_is_another_order(
+    archive: Archive, listener: HL7Listener
+) -> None:
+    acks = send(
+        listener,
+        order_message("F1", placer="HISA", filler="RISX"),
+        order_message("F2", placer="HISB", filler="RISX"),
+        order_message("F3", placer="", filler="RISY"),
+        order_message("F4", placer="HISC", filler="RISY"),  # the placer number arrives later
+    )
+    assert [ack_code(a) for a in acks] == ["AA"] * 4
+    assert [o.placer_order_number for o in the_orders(archive)] == ["HISA", "HISB", "HISC"]
 
 
 def test_parse_ts__zones_and_precision() -> None:

@@ -911,13 +911,20 @@ def _apply_pushed(
     source = f"fhir:{actor.id}"[:128]
     with _archive(request).db.session() as session:
         existing = _one_order(session, id, caller) if id is not None else None
-        clash = orders.find_order(session=session, placer=pushed.data.placer_order_number)
+        # On create, an order already holding the placer number (or, without one, the
+        # filler number) is a conflict: the request would otherwise update it unseen.
+        clash = orders.find_order(
+            session=session,
+            placer=pushed.data.placer_order_number,
+            filler=pushed.data.filler_order_number if existing is None else None,
+        )
         if clash is not None and (existing is None or clash.id != existing.id):
+            number = pushed.data.placer_order_number or pushed.data.filler_order_number
             raise FHIRError(
                 409,
                 "duplicate",
-                f"申请单号已存在 · ServiceRequest/{clash.id} has placer number "
-                f"{pushed.data.placer_order_number!r}; update that one (PUT)",
+                f"申请单号已存在 · ServiceRequest/{clash.id} has order number {number!r}; "
+                "update that one (PUT)",
             )
         person_id, patient_id, authority = _subject_person(session, pushed, source)
         pushed.data.patient_id, pushed.data.patient_authority = patient_id, authority

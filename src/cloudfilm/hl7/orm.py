@@ -148,9 +148,18 @@ def _person_name(reader: _Reader, segment: Any, number: int) -> str:
     return "^".join(p for p in (family, given) if p) or _part(parts, 1)
 
 
-def _visit(reader: _Reader, pv1: Any) -> tuple[OrderData, VisitData | None]:
+def _visit(reader: _Reader, pv1: Any, *, strict: bool = True) -> tuple[OrderData, VisitData | None]:
     """PV1-2 class, PV1-3 location (ward^room^bed), PV1-10 service, PV1-19 visit number,
-    PV1-44/45 admit and discharge."""
+    PV1-44/45 admit and discharge (unless ``strict``, an invalid time is left out)."""
+
+    def moment(number: int) -> datetime | None:
+        try:
+            return parse_ts(_first(reader, pv1, number), f"PV1^1^{number}")
+        except MessageError:
+            if strict:
+                raise
+            return None
+
     code = reader.text(_field(pv1, 2)).upper() if pv1 is not None else ""
     raw_class = reader.text(_field(pv1, 2)) if pv1 is not None else ""
     visit_type = VISIT_TYPES.get(code) or VISIT_TYPES.get(raw_class)
@@ -176,18 +185,20 @@ def _visit(reader: _Reader, pv1: Any) -> tuple[OrderData, VisitData | None]:
         room=room or None,
         bed=bed or None,
         department=service or ward or None,
-        admitted_at=parse_ts(_first(reader, pv1, 44), "PV1^1^44"),
-        discharged_at=parse_ts(_first(reader, pv1, 45), "PV1^1^45"),
+        admitted_at=moment(44),
+        discharged_at=moment(45),
     )
     return data, visit
 
 
 def record_pv1(*, session: Session, message: Any, person_id: int | None, source: str) -> None:
-    """The visit of an ADT's PV1 (when it carries a visit number, PV1-19)."""
+    """The visit of an ADT's PV1 (when it carries a visit number, PV1-19). Leniently: the
+    ADT is about the person, so a PV1 time that is not a date leaves the time out instead
+    of refusing the message."""
     pv1s = _segments(message, "PV1")
     if not pv1s:
         return
-    _, visit = _visit(_Reader(message), pv1s[0])
+    _, visit = _visit(_Reader(message), pv1s[0], strict=False)
     if visit is not None:
         orders.record_visit(session=session, visit=visit, person_id=person_id, source=source)
 

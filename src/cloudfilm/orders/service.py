@@ -87,7 +87,9 @@ def _now() -> datetime:
 def find_order(
     *, session: Session, placer: str | None = None, filler: str | None = None
 ) -> ImagingOrder | None:
-    """The order with placer number ``placer``, else the one with filler number ``filler``."""
+    """The order with placer number ``placer``, else the one with filler number ``filler``
+    (when ``placer`` is given, only an order without a placer number of its own: the filler
+    number of another placer's order is not this one)."""
     if placer:
         found = session.scalars(
             select(ImagingOrder).where(ImagingOrder.placer_order_number == placer)
@@ -95,12 +97,10 @@ def find_order(
         if found is not None:
             return found
     if filler:
-        return session.scalars(
-            select(ImagingOrder)
-            .where(ImagingOrder.filler_order_number == filler)
-            .order_by(ImagingOrder.id)
-            .limit(1)
-        ).first()
+        query = select(ImagingOrder).where(ImagingOrder.filler_order_number == filler)
+        if placer:
+            query = query.where(ImagingOrder.placer_order_number == "")
+        return session.scalars(query.order_by(ImagingOrder.id).limit(1)).first()
     return None
 
 
