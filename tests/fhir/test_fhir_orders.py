@@ -172,10 +172,13 @@ def test_service_request__create_read_update_search(live_server: LiveServer) -> 
     assert other["subject"] == {"identifier": {"system": "urn:cloudfilm:patient-id:urn%3Ax",
                                                "value": "Q1"}}  # fmt: skip
 
-    # Update: revoke it.
+    # Update: revoke it; what the new version leaves out is gone.
     changed = {**read, "status": "revoked"}
+    del changed["requester"], changed["occurrenceDateTime"]
     updated = call(server, "PUT", f"ServiceRequest/{order_id}", json=changed)
     assert updated["status"] == "revoked"
+    assert "requester" not in updated and "occurrenceDateTime" not in updated
+    assert updated["authoredOn"] == created["authoredOn"]
     assert get(server, f"ServiceRequest/{order_id}")["status"] == "revoked"
 
     def search(**params: Any) -> list[str]:

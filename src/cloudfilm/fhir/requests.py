@@ -215,7 +215,17 @@ def read_service_request(body: Any) -> Pushed:
         raise FHIRError(400, "structure", f"invalid ServiceRequest: {problems}") from exc
     if body.get("intent") not in ("order", "original-order", "instance-order", "filler-order"):
         raise FHIRError(422, "value", "intent: an imaging order is intent 'order'")
-    data = OrderData()
+    # What the resource can say and leaves out is cleared (an update replaces the
+    # resource, R4 3.1.0.4); the visit fields it cannot carry (ward, bed) are kept.
+    data = OrderData(
+        accession_number="",
+        procedure_code="",
+        procedure_text="",
+        procedure_system="",
+        modality="",
+        department="",
+        requesting_doctor="",
+    )
     for ident in body.get("identifier", []):
         codes = {c.get("code") for c in ident.get("type", {}).get("coding", [])}
         system, value = ident.get("system", ""), ident.get("value", "")

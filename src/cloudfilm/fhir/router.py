@@ -951,7 +951,8 @@ def _apply_pushed(
         )
         if pushed.encounter_ref is not None:
             row.encounter_id = _id_or_none(pushed.encounter_ref.removeprefix("Encounter/"))
-            session.flush()
+        row.scheduled_at, row.authored_at = pushed.data.scheduled_at, pushed.data.authored_at
+        session.flush()
         [resource] = _orders_as_fhir(session, [row])
         order_id = row.id
     note(
