@@ -36,7 +36,10 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import and_, case, exists, false, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from cloudfilm.archive.models import Instance, Series, StorageJob, Study
+from cloudfilm.archive.models import Instance, Patient, Series, StorageJob, Study
+from cloudfilm.audit import service as audit
+from cloudfilm.audit.enums import ActorType, AuditAction, AuditEventType, AuditOutcome
+from cloudfilm.audit.service import Actor
 from cloudfilm.config import TierPolicy
 from cloudfilm.errors import CloudFilmError, Conflict, NotFound, RecallNeeded, StorageUnavailable
 from cloudfilm.storage.tiers import ONLINE, TieredStorage, storage_name_of, tier_of
@@ -102,6 +105,69 @@ def job_view(job: StorageJob, study_uid: str | None = None) -> dict[str, Any]:
         "created_at": _aware(job.created_at).isoformat(),  # type: ignore[union-attr]
         "updated_at": _aware(job.updated_at).isoformat(),  # type: ignore[union-attr]
     }
+
+
+def actor_of(requested_by: str) -> Actor:
+    """Who a job's ``requested_by`` names, for the audit trail when the caller gave no
+    actor: a read (recall on access), a policy (the planner), the CLI, else a user."""
+    if requested_by == "read":
+        return Actor.system("storage-recall")
+    if requested_by.startswith("policy") or not requested_by:
+        return Actor.system("storage-tiers")
+    if requested_by == "cli":
+        return Actor.cli("storage")
+    return Actor(ActorType.USER, requested_by)
+
+
+def _audit_job(
+    session: Session,
+    job: StorageJob,
+    event: AuditEventType,
+    actor: Actor,
+    *,
+    outcome: AuditOutcome = AuditOutcome.SUCCESS,
+) -> None:
+    """One audit record of ``job`` in ``session``'s transaction (call it last)."""
+    row = session.execute(
+        select(Study.study_instance_uid, Patient.patient_id)
+        .join(Patient, Patient.id == Study.patient_pk)
+        .where(Study.id == job.study_pk)
+    ).one_or_none()
+    study_uid, patient_id = (row[0], row[1]) if row is not None else (None, None)
+    what = {
+        AuditEventType.STORAGE_JOB_QUEUED: "queued",
+        AuditEventType.STORAGE_JOB_DONE: "done",
+        AuditEventType.STORAGE_JOB_FAILED: "failed",
+    }[event]
+    message = f"storage job {job.id} ({job.kind} {job.source_tier} → {job.target_tier}) {what}"
+    if event is AuditEventType.STORAGE_JOB_FAILED and job.last_error:
+        message += f": {job.last_error}"
+    audit.record(
+        session=session,
+        actor=actor,
+        event_type=event,
+        action=AuditAction.CREATE
+        if event is AuditEventType.STORAGE_JOB_QUEUED
+        else (AuditAction.UPDATE),
+        outcome=outcome,
+        object_type="storage-job",
+        object_id=str(job.id),
+        patient_id=patient_id or None,
+        study_instance_uid=study_uid,
+        message=message,
+        detail={
+            "job": job.id,
+            "kind": job.kind,
+            "source": job.source_tier,
+            "target": job.target_tier,
+            "state": job.state,
+            "objects_total": job.objects_total,
+            "objects_done": job.objects_done,
+            "attempts": job.attempts,
+            "requested_by": job.requested_by,
+            "last_error": job.last_error,
+        },
+    )
 
 
 def in_window(window: str | None, local: time) -> bool:
@@ -214,8 +280,11 @@ class Tiering:
         source: str,
         target: str,
         requested_by: str = "",
+        *,
+        actor: Actor | None = None,
     ) -> StorageJob:
-        """A job for ``study`` (flushed); the study's active job when it already has one.
+        """A job for ``study`` (flushed, audited); the study's active job when it already
+        has one.
 
         A queued migration gives way to a recall; a migration under way is left to finish
         (the reader asks again and then starts the recall)."""
@@ -251,29 +320,42 @@ class Tiering:
         )
         session.add(job)
         session.flush()
+        _audit_job(session, job, AuditEventType.STORAGE_JOB_QUEUED, actor or actor_of(requested_by))
         if kind is JobKind.RECALL:
             self.wake.set()
         return job
 
-    def request_recall(self, study_uid: str, requested_by: str = "") -> dict[str, Any] | None:
+    def request_recall(
+        self, study_uid: str, requested_by: str = "", *, actor: Actor | None = None
+    ) -> dict[str, Any] | None:
         """Recall every object of the study that is not online; ``None`` when all are."""
         with self.db.session() as session:
             study = self._study(session, study_uid)
             counts = self._tier_counts(session, study.id)
             if not any(n != ONLINE for n in counts):
                 return None
-            job = self.enqueue(session, study, JobKind.RECALL, ANY, ONLINE, requested_by)
+            job = self.enqueue(
+                session, study, JobKind.RECALL, ANY, ONLINE, requested_by, actor=actor
+            )
             return job_view(job, study_uid)
 
     def migrate(
-        self, study_uid: str, source: str, target: str, requested_by: str = ""
+        self,
+        study_uid: str,
+        source: str,
+        target: str,
+        requested_by: str = "",
+        *,
+        actor: Actor | None = None,
     ) -> dict[str, Any]:
         """Queue a migration of one study (administrator, CLI); pinned studies stay online."""
         with self.db.session() as session:
             study = self._study(session, study_uid)
             if study.pinned and source == ONLINE:
                 raise Conflict(f"study {study_uid} is pinned online · 该检查已固定在在线存储")
-            job = self.enqueue(session, study, JobKind.MIGRATE, source, target, requested_by)
+            job = self.enqueue(
+                session, study, JobKind.MIGRATE, source, target, requested_by, actor=actor
+            )
             return job_view(job, study_uid)
 
     def recall_for_key(self, key: str, tier: str) -> tuple[str | None, int | None]:
@@ -305,10 +387,14 @@ class Tiering:
             if row.storage_name in offline:
                 raise self.storage.recall_error(row.storage_key, tier_of(row.storage_name))
 
-    def set_pinned(self, study_uid: str, pinned: bool, requested_by: str = "") -> dict[str, Any]:
-        """Pin (keep online; recall what is not) or unpin a study."""
+    def set_pinned(
+        self, study_uid: str, pinned: bool, requested_by: str = "", *, actor: Actor | None = None
+    ) -> dict[str, Any]:
+        """Pin (keep online; recall what is not) or unpin a study; audited."""
+        actor = actor or actor_of(requested_by)
         with self.db.session() as session:
             study = self._study(session, study_uid)
+            was = study.pinned
             study.pinned = pinned
             job = None
             if pinned and self.storage is not None:
@@ -322,7 +408,25 @@ class Tiering:
                     active.last_error = "cancelled: the study was pinned"
                     active.updated_at = _now()
                 if any(n != ONLINE for n in self._tier_counts(session, study.id)):
-                    job = self.enqueue(session, study, JobKind.RECALL, ANY, ONLINE, requested_by)
+                    job = self.enqueue(
+                        session, study, JobKind.RECALL, ANY, ONLINE, requested_by, actor=actor
+                    )
+            patient_id = session.scalar(
+                select(Patient.patient_id).where(Patient.id == study.patient_pk)
+            )
+            audit.record(
+                session=session,
+                actor=actor,
+                event_type=AuditEventType.STUDY_PINNED if pinned else AuditEventType.STUDY_UNPINNED,
+                action=AuditAction.UPDATE,
+                object_type="study",
+                object_id=study_uid,
+                patient_id=patient_id or None,
+                study_instance_uid=study_uid,
+                message=f"study {'pinned to' if pinned else 'unpinned from'} the online tier"
+                + ("" if was != pinned else " (no change)"),
+                detail={"pinned": pinned, "was": was, "recall_job": job.id if job else None},
+            )
             return {
                 "study": study_uid,
                 "pinned": pinned,
@@ -512,8 +616,9 @@ class Tiering:
                     return int(job_id)
         return None
 
-    def _renew(self, job_id: int, **values: Any) -> None:
-        """Extend our lease (and set ``values``); :class:`_LostLease` when it is not ours."""
+    def _renew(self, job_id: int, *, _event: AuditEventType | None = None, **values: Any) -> None:
+        """Extend our lease (and set ``values``); :class:`_LostLease` when it is not ours.
+        With ``_event``, the job's audit record of that type in the same transaction."""
         now = _now()
         with self.db.session() as session:
             result = session.execute(
@@ -529,6 +634,10 @@ class Tiering:
             )
             if result.rowcount != 1:  # type: ignore[attr-defined]
                 raise _LostLease
+            if _event is not None:
+                job = session.get(StorageJob, job_id)
+                if job is not None:
+                    _audit_job(session, job, _event, Actor.system("storage-tiers"))
 
     def run_job(self, job_id: int) -> bool:
         """Run one claimed job through its remaining steps; ``True`` when it ended."""
@@ -557,7 +666,7 @@ class Tiering:
                     self._clean(job_id, study_pk, source, target)
                     self._renew(
                         job_id, state=JobState.DONE.value, lease_owner=None, lease_until=None,
-                        last_error=None,
+                        last_error=None, _event=AuditEventType.STORAGE_JOB_DONE,
                     )  # fmt: skip
                     logger.info("storage job %d (%s %s → %s) done", job_id, kind, source, target)
                     return True
@@ -585,6 +694,11 @@ class Tiering:
             job.updated_at = _now()
             if job.attempts >= self.settings.max_attempts:
                 job.state = JobState.FAILED.value
+                session.flush()
+                _audit_job(
+                    session, job, AuditEventType.STORAGE_JOB_FAILED,
+                    Actor.system("storage-tiers"), outcome=AuditOutcome.SERIOUS_FAILURE,
+                )  # fmt: skip
 
     def _sources(self, source: str, target: str) -> list[str]:
         storage = self._require_tiers()

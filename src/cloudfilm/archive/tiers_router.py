@@ -61,7 +61,9 @@ def study_location(study: str, request: Request, _caller: Viewer) -> JSONRespons
     responses=_ERRORS,
 )
 def pin_study(study: str, request: Request, caller: Manager) -> JSONResponse:
-    return JSONResponse(_tiering(request).set_pinned(_uid(study), True, caller.name))
+    return JSONResponse(
+        _tiering(request).set_pinned(_uid(study), True, caller.name, actor=request.state.actor)
+    )
 
 
 @router.post(
@@ -70,7 +72,9 @@ def pin_study(study: str, request: Request, caller: Manager) -> JSONResponse:
     responses=_ERRORS,
 )
 def unpin_study(study: str, request: Request, caller: Manager) -> JSONResponse:
-    return JSONResponse(_tiering(request).set_pinned(_uid(study), False, caller.name))
+    return JSONResponse(
+        _tiering(request).set_pinned(_uid(study), False, caller.name, actor=request.state.actor)
+    )
 
 
 @router.post(
@@ -79,7 +83,7 @@ def unpin_study(study: str, request: Request, caller: Manager) -> JSONResponse:
     responses=_ERRORS,
 )
 def recall_study(study: str, request: Request, caller: Manager) -> JSONResponse:
-    job = _tiering(request).request_recall(_uid(study), caller.name)
+    job = _tiering(request).request_recall(_uid(study), caller.name, actor=request.state.actor)
     return JSONResponse({"job": job}, status_code=202 if job else 200)
 
 
@@ -91,7 +95,9 @@ def recall_study(study: str, request: Request, caller: Manager) -> JSONResponse:
 def migrate_study(
     study: str, body: MigrateRequest, request: Request, caller: Manager
 ) -> JSONResponse:
-    job = _tiering(request).migrate(_uid(study), body.source, body.target, caller.name)
+    job = _tiering(request).migrate(
+        _uid(study), body.source, body.target, caller.name, actor=request.state.actor
+    )
     return JSONResponse({"job": job}, status_code=202)
 
 

@@ -82,6 +82,18 @@ class AuditEventType(StrEnum):
     compression; ``detail``: counts, bytes, SOP Instance UIDs)."""
     ORPHANS_REMOVED = "orphans-removed"
     """Stored objects that no index row points to were deleted (orphan clean-up)."""
+    STUDY_PINNED = "study-pinned"
+    """A study was pinned to the online tier (the tier policies leave it there)."""
+    STUDY_UNPINNED = "study-unpinned"
+    """A study's pin was removed (the tier policies may move it again)."""
+    STORAGE_JOB_QUEUED = "storage-job-queued"
+    """A tier migration or recall job was created (``detail``: kind, tiers, requested by)."""
+    STORAGE_JOB_DONE = "storage-job-done"
+    """A tier migration or recall job moved all its objects (index switched, source
+    copies deleted)."""
+    STORAGE_JOB_FAILED = "storage-job-failed"
+    """A tier migration or recall job failed its last attempt (``detail``: last error);
+    it waits for ``cloudfilm storage jobs retry``."""
     HL7_MESSAGE_RECEIVED = "hl7-message-received"
     """An HL7 v2 message came in over MLLP (``detail``: control ID, type, ACK code)."""
     HL7_MESSAGE_REPLAYED = "hl7-message-replayed"
