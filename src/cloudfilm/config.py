@@ -668,6 +668,25 @@ class GatewaySource(_Section):
         return self
 
 
+class GatewayDestination(_Section):
+    """A DICOM node inside the hospital that studies are sent back to from the archive (a
+    workstation or the PACS): it must accept C-STORE from ``gateway.ae_title``."""
+
+    aet: str
+    """The destination's AE title (the called AE of the C-STORE association)."""
+
+    host: str
+    """Address of its DICOM port."""
+
+    port: int = Field(default=104, gt=0, lt=65536)
+    """Its DICOM port."""
+
+    @field_validator("aet")
+    @classmethod
+    def _check_destination_aet(cls, value: str) -> str:
+        return _check_aet(value)
+
+
 class GatewaySettings(_Section):
     """The front service (前置服务, ``cloudfilm gateway``): pulls exams from PACS sources
     and delivers them to the archive from a durable queue."""
@@ -742,6 +761,10 @@ class GatewaySettings(_Section):
     schedule_hours: str | None = None
     """Hours in which polled studies are retrieved and delivered, e.g. ``"20-6"`` (8 pm to
     6 am); empty means always. Manual requests (``gateway fetch``) ignore it."""
+
+    destinations: dict[str, GatewayDestination] = Field(default_factory=dict)
+    """Hospital nodes studies are sent back to from the archive (``gateway send-back``):
+    name → ``aet``, ``host``, ``port``. TOML: ``[gateway.destinations.ws1]``."""
 
     http_host: str = "127.0.0.1"
     """Address of the gateway's status API (``GET /status``, ``GET /studies``, ``POST

@@ -26,6 +26,7 @@ from cloudfilm.config import GatewaySettings
 from cloudfilm.errors import NotFound
 from cloudfilm.gateway.models import StudyState
 from cloudfilm.gateway.queue import GatewayQueue
+from cloudfilm.gateway.sendback import SendBackQueue
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,14 @@ class TriggerRequest(BaseModel):
     accession_number: str | None = Field(default=None, max_length=64)
     source: str | None = Field(default=None, max_length=64)
     """The PACS source; default: the only one that is not a file drop."""
+
+
+class SendBackRequest(BaseModel):
+    """A study to bring back from the archive into a hospital node."""
+
+    study_instance_uid: str = Field(min_length=1, max_length=64)
+    destination: str = Field(min_length=1, max_length=64)
+    """Name of the node in ``gateway.destinations``."""
 
 
 class TriggerError(Exception):
@@ -183,6 +192,59 @@ def create_api(
         except TriggerError as exc:
             raise HTTPException(exc.status, str(exc)) from exc
         return JSONResponse(result, status_code=202)
+
+    send_back = SendBackQueue(queue)
+
+    @app.post(
+        "/send-back",
+        status_code=202,
+        summary="Bring a study back from the archive into a hospital node (C-STORE)",
+        responses={
+            401: {"description": "Missing or wrong bearer token"},
+            404: {"description": "No such destination in gateway.destinations"},
+        },
+    )
+    def request_send_back(body: SendBackRequest) -> JSONResponse:
+        try:
+            job = send_back.request(body.study_instance_uid, body.destination)
+        except NotFound as exc:
+            raise HTTPException(404, str(exc)) from exc
+        return JSONResponse(job, status_code=202)
+
+    @app.get(
+        "/send-back",
+        summary="Send-back jobs, newest first: state, counts, last error",
+        responses={401: {"description": "Missing or wrong bearer token"}},
+    )
+    def list_send_back(limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> JSONResponse:
+        return JSONResponse(send_back.jobs(limit=limit))
+
+    @app.get(
+        "/send-back/{job_id}",
+        summary="One send-back job",
+        responses={
+            401: {"description": "Missing or wrong bearer token"},
+            404: {"description": "No such job"},
+        },
+    )
+    def get_send_back(job_id: int) -> JSONResponse:
+        job = send_back.job(job_id)
+        if job is None:
+            raise HTTPException(404, f"no send-back job {job_id}")
+        return JSONResponse(job)
+
+    @app.post(
+        "/send-back/{job_id}/retry",
+        summary="Put a failed or dead-lettered send-back job back in line",
+        responses={
+            401: {"description": "Missing or wrong bearer token"},
+            404: {"description": "No failed or dead job with that id"},
+        },
+    )
+    def retry_send_back(job_id: int) -> JSONResponse:
+        if not send_back.retry(job_id):
+            raise HTTPException(404, f"no failed or dead send-back job {job_id}")
+        return JSONResponse({"id": job_id, "requeued": 1})
 
     return app
 

@@ -180,3 +180,57 @@ def retry(study: str = typer.Option("", "--study", help="One study; default: all
     finally:
         queue.close()
     console.print(f"{count} study(ies) put back in line")
+
+
+@gateway_app.command("send-back")
+def send_back(
+    study: str = typer.Option(..., "--study", help="Study Instance UID in the archive."),
+    to: str = typer.Option("", "--to", help="Destination (default: the only one)."),
+    now: bool = typer.Option(
+        False,
+        "--now",
+        help="Run it in this process (fetch, then C-STORE) instead of "
+        "leaving it to the running gateway; stops at the first failure.",
+    ),
+) -> None:
+    """回传 The way back: queue a study from the archive for a hospital node (C-STORE)."""
+    from cloudfilm.errors import NotFound
+    from cloudfilm.gateway.delivery import ArchiveClient
+    from cloudfilm.gateway.models import SendBackState
+    from cloudfilm.gateway.queue import GatewayQueue
+    from cloudfilm.gateway.sendback import SendBack
+
+    settings = _settings()
+    names = list(settings.gateway.destinations)
+    name = to or (names[0] if len(names) == 1 else "")
+    if not name:
+        console.print(
+            "[red]name the destination with --to[/red]: " + (", ".join(names) or "none configured")
+        )
+        raise typer.Exit(2)
+    queue = GatewayQueue(settings)
+    runner = SendBack(queue, ArchiveClient(settings.gateway))
+    try:
+        try:
+            job = runner.jobs.request(study, name)
+        except NotFound as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(1) from exc
+        if now:
+            while True:
+                task = runner.run_next()
+                row = runner.jobs.job(job["id"])
+                assert row is not None
+                job = row
+                if task is None or job["state"] in (
+                    SendBackState.SENT,
+                    SendBackState.FAILED,
+                    SendBackState.DEAD,
+                ):
+                    break
+    finally:
+        runner.archive.close()
+        queue.close()
+    typer.echo(json.dumps(job, ensure_ascii=False, indent=2))
+    if job["state"] in (SendBackState.FAILED, SendBackState.DEAD):
+        raise typer.Exit(1)

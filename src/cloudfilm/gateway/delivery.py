@@ -22,11 +22,12 @@ from __future__ import annotations
 import io
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from pydicom.dataset import Dataset
 
 from cloudfilm.config import GatewaySettings
 from cloudfilm.gateway.messages import message, since
@@ -98,6 +99,39 @@ class ArchiveClient:
         token = str(response.json()["access_token"])
         self._token = token
         return token
+
+    def fetch_study(self, study_instance_uid: str, keep: Callable[[bytes, Dataset], None]) -> int:
+        """WADO-RS Retrieve Study from the archive (the way back) with the gateway's client
+        credentials, ``transfer-syntax=*`` (the objects as archived); ``keep(data, header)``
+        for each instance as it streams in. Returns how many instances the answer held.
+
+        Raises
+        ------
+        DeliveryError
+            No credentials, the archive unreachable or refusing them, no such study.
+        """
+        from cloudfilm.gateway.pacs import PacsError
+        from cloudfilm.gateway.wado import Unauthorised, stream_study
+
+        url = f"{self.settings.archive_url.rstrip('/')}/dicom-web/studies/{study_instance_uid}"
+        for again in (True, False):
+            token = self._token or self._fetch_token()
+            try:
+                return stream_study(
+                    self.http,
+                    url,
+                    study_instance_uid,
+                    keep,
+                    peer=self.settings.archive_url,
+                    headers={"Authorization": f"Bearer {token}"},
+                )
+            except Unauthorised as exc:
+                self._token = None  # expired or revoked: one fresh token, then give up
+                if not again:
+                    raise DeliveryError(f"the archive refused the gateway's token: {exc}") from exc
+            except PacsError as exc:
+                raise DeliveryError(str(exc).replace("WADO-RS", "archive WADO-RS", 1)) from exc
+        raise AssertionError("unreachable")
 
     def send(self, study_instance_uid: str, parts: Sequence[tuple[str, bytes]]) -> StowOutcome:
         """Send ``parts`` (SOP Instance UID, file bytes) of one study in one request."""
@@ -202,9 +236,27 @@ class CStoreClient:
     later; any other failure → dead letter with the status and its Error Comment.
     """
 
-    def __init__(self, settings: GatewaySettings) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        *,
+        aet: str | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        hint: str | None = None,
+    ) -> None:
+        """To the archive's DIMSE port, or to the node ``aet``/``host``/``port`` (a hospital
+        destination of the way back); ``hint`` ends the message of a refused association."""
         self.settings = settings
-        self.host = settings.archive_host or (httpx.URL(settings.archive_url).host or "127.0.0.1")
+        self.aet = aet or settings.archive_aet
+        self.host = host or (
+            settings.archive_host or (httpx.URL(settings.archive_url).host or "127.0.0.1")
+        )
+        self.port = port or settings.archive_port
+        self.what = "archive" if aet is None else f"destination {aet}"
+        self.hint = hint or (
+            f"check gateway.archive_* and that the archive's dimse.nodes lists {settings.ae_title}"
+        )
 
     def close(self) -> None:
         """Nothing held between batches."""
@@ -223,16 +275,12 @@ class CStoreClient:
             raise DeliveryError("more than 128 SOP class/transfer syntax pairs in one batch")
         for sop_class, syntax in sorted(pairs):
             ae.add_requested_context(sop_class, syntax)
-        where = f"{self.settings.archive_aet} at {self.host}:{self.settings.archive_port}"
-        assoc = ae.associate(
-            self.host, self.settings.archive_port, ae_title=self.settings.archive_aet
-        )
+        where = f"{self.aet} at {self.host}:{self.port}"
+        assoc = ae.associate(self.host, self.port, ae_title=self.aet)
         if not assoc.is_established:
             what = "rejected" if assoc.is_rejected else "aborted or unreachable"
             raise DeliveryError(
-                f"archive unreachable: association with {where} {what}; check "
-                f"gateway.archive_* and that the archive's dimse.nodes lists "
-                f"{self.settings.ae_title}"
+                f"{self.what} unreachable: association with {where} {what}; {self.hint}"
             )
         outcome = StowOutcome()
         try:
@@ -248,7 +296,7 @@ class CStoreClient:
                     continue
                 if not status or "Status" not in status:
                     raise DeliveryError(
-                        f"archive unreachable: the C-STORE association with {where} ended "
+                        f"{self.what} unreachable: the C-STORE association with {where} ended "
                         "without a response"
                     )
                 code = int(status.Status)
@@ -256,7 +304,7 @@ class CStoreClient:
                 message(
                     "C-STORE",
                     direction="out",
-                    peer=self.settings.archive_aet,
+                    peer=self.aet,
                     study_uid=study_instance_uid,
                     sop_uid=uid,
                     bytes=len(dict(parts)[uid]),

@@ -10,7 +10,16 @@ from __future__ import annotations
 from datetime import datetime
 from enum import StrEnum
 
-from sqlalchemy import DateTime, Engine, ForeignKey, Integer, MetaData, String, Text
+from sqlalchemy import (
+    DateTime,
+    Engine,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from cloudfilm.db import NAMING_CONVENTION
@@ -144,6 +153,61 @@ class RemoteFile(GatewayBase):
     sop_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
     last_error: Mapped[str | None] = mapped_column(Text)
     taken_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class SendBackState(StrEnum):
+    """Where a study is on its way back from the archive to a hospital node."""
+
+    QUEUED = "queued"
+    FETCHING = "fetching"
+    FETCHED = "fetched"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+    """The last step failed; it runs again at ``next_attempt_at``."""
+    DEAD = "dead"
+    """Dead letter: too many failed attempts; only a manual retry moves it on."""
+
+
+class SendBackJob(GatewayBase):
+    """One study to bring back from the archive into a hospital node (the way back)."""
+
+    __tablename__ = "gw_sendback"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # (0020,000D) Study Instance UID | VR UI, VM 1
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    """Name of the node in ``gateway.destinations``."""
+    state: Mapped[str] = mapped_column(String(16), index=True, default=SendBackState.QUEUED)
+    step: Mapped[str] = mapped_column(String(16), default="fetch")
+    """``fetch`` (WADO-RS from the archive) or ``send`` (C-STORE to the destination): the
+    step a FAILED or DEAD job runs again."""
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    requested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class SendBackInstance(GatewayBase):
+    """One instance of a send-back job, spooled until the destination has stored it."""
+
+    __tablename__ = "gw_sendback_instance"
+    __table_args__ = (UniqueConstraint("job_id", "sop_instance_uid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("gw_sendback.id"), index=True)
+    # (0008,0018) SOP Instance UID | VR UI, VM 1
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    spool_key: Mapped[str | None] = mapped_column(String(200))
+    """Key in the send-back spool; cleared once the destination stored the instance."""
+    size: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), default="fetched")
+    """``fetched`` (in the spool), ``sent``, or ``refused`` (the destination's status kept
+    in ``last_error``)."""
+    last_error: Mapped[str | None] = mapped_column(Text)
 
 
 def create_schema(engine: Engine) -> None:

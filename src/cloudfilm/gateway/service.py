@@ -33,6 +33,7 @@ from cloudfilm.gateway.messages import close_message_log, message, open_message_
 from cloudfilm.gateway.models import Step
 from cloudfilm.gateway.pacs import PacsClient, PacsError, StorageSCP, spool_received
 from cloudfilm.gateway.queue import FoundStudy, GatewayQueue, Job, Outgoing, Rejected
+from cloudfilm.gateway.sendback import SendBack
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class Gateway:
             if self.gw.delivery is DeliveryMethod.CSTORE
             else ArchiveClient(self.gw)
         )
+        self.send_back = SendBack(self.queue, ArchiveClient(self.gw))
+        """The way back: studies from the archive to hospital nodes."""
         self.scp = StorageSCP(self.gw, self.queue)
         self.api: APIServer | None = None
         self._next_poll: dict[str, float] = {}
@@ -64,7 +67,7 @@ class Gateway:
 
     def start(self) -> None:
         """Recover interrupted steps, then listen for C-STORE."""
-        recovered = self.queue.recover()
+        recovered = self.queue.recover() + self.send_back.jobs.recover()
         if recovered:
             logger.info("gateway: %d interrupted step(s) put back in line", recovered)
         self.scp.start()
@@ -87,6 +90,7 @@ class Gateway:
             self.api.stop()
         self.scp.stop()
         self.archive.close()
+        self.send_back.archive.close()
         self.queue.close()
         close_message_log(self.gw.data_dir)
 
@@ -448,6 +452,7 @@ class Gateway:
                 busy |= self.poll(name) > 0
         busy |= self.retrieve_next(in_schedule=self.in_schedule()) is not None
         busy |= self.deliver_next() is not None
+        busy |= self.send_back.run_next() is not None
         return busy
 
     def run(self, stop: threading.Event, *, idle_seconds: float = 0.5) -> None:

@@ -24,6 +24,10 @@ from cloudfilm.gateway.pacs import PacsError
 _ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
 
+class Unauthorised(PacsError):
+    """The DICOMweb server wants (new) credentials."""
+
+
 def _boundary(content_type: str) -> str:
     for param in content_type.split(";")[1:]:
         name, _, value = param.strip().partition("=")
@@ -45,6 +49,29 @@ def retrieve_study(
     if not source.wado_url:
         raise PacsError("retrieve = 'wado' needs the source's wado_url (its DICOMweb root)")
     url = f"{source.wado_url.rstrip('/')}/studies/{study_instance_uid}"
+    with httpx.Client(timeout=settings.http_timeout, transport=transport) as http:
+        return stream_study(http, url, study_instance_uid, keep, peer=source.wado_url)
+
+
+def stream_study(
+    http: httpx.Client,
+    url: str,
+    study_instance_uid: str,
+    keep: Callable[[bytes, pydicom.Dataset], None],
+    *,
+    peer: str,
+    headers: dict[str, str] | None = None,
+) -> int:
+    """GET the WADO-RS study resource ``url`` on ``http`` and call ``keep(data, header)``
+    for every part as it streams in; returns how many instances the answer held.
+
+    Raises
+    ------
+    PacsError
+        Not found, another status, a transport error or a part that is not DICOM.
+    Unauthorised
+        The server answered 401 (the caller may sign in again and repeat).
+    """
     count = 0
     part = bytearray()
     failures: list[str] = []
@@ -69,14 +96,14 @@ def retrieve_study(
 
     start = time.monotonic()
     size = 0
-    message("WADO-RS-RQ", direction="out", peer=source.wado_url, study_uid=study_instance_uid)
+    message("WADO-RS-RQ", direction="out", peer=peer, study_uid=study_instance_uid)
     try:
-        with (
-            httpx.Client(timeout=settings.http_timeout, transport=transport) as http,
-            http.stream("GET", url, headers={"Accept": _ACCEPT}) as response,
-        ):
+        with http.stream("GET", url, headers={"Accept": _ACCEPT, **(headers or {})}) as response:
+            if response.status_code == 401:
+                response.read()
+                raise Unauthorised(f"WADO-RS answered 401 at {url}")
             if response.status_code == 404:
-                raise PacsError(f"WADO-RS: the PACS has no study {study_instance_uid} (404)")
+                raise PacsError(f"WADO-RS: {peer} has no study {study_instance_uid} (404)")
             if response.status_code != 200:
                 response.read()
                 raise PacsError(f"WADO-RS answered {response.status_code}: {response.text[:300]}")
@@ -96,7 +123,7 @@ def retrieve_study(
             message(
                 "WADO-RS-RSP",
                 direction="in",
-                peer=source.wado_url,
+                peer=peer,
                 study_uid=study_instance_uid,
                 status=response.status_code,
                 parts=count,
