@@ -173,6 +173,11 @@ def test_orm_new__order_then_study_linked(archive: Archive, listener: HL7Listene
         assert not session.scalars(select(Study.id).where(orders.studies_ordered(bed="13"))).all()
         [study] = orders.studies_of_order(session=session, order=order)
         assert study.study_instance_uid == uid
+        other = session.scalars(select(Study.id).where(Study.study_instance_uid != uid)).all()
+        by_study = orders.orders_by_study(session=session, study_ids=[study.id, *other])
+        assert {k: [o.placer_order_number for o in v] for k, v in by_study.items()} == {
+            study.id: ["HIS001"]
+        }
 
 
 def test_omi__study_first_then_order_linked(archive: Archive, listener: HL7Listener) -> None:

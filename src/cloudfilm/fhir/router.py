@@ -523,14 +523,12 @@ def _studies_as_fhir(request: Request, studies: list[Study]) -> list[dict[str, A
             .order_by(Series.series_number, Series.id)
         ):
             by_study[row.study_pk].append(row)
-        ordered: dict[int, list[int]] = {}
-        for study_pk, order_id in session.execute(
-            select(Study.id, ImagingOrder.id)
-            .join(ImagingOrder, orders.study_link())
-            .where(Study.id.in_(list(by_study)))
-            .order_by(ImagingOrder.id)
-        ):
-            ordered.setdefault(study_pk, []).append(order_id)
+        ordered = {
+            study_pk: [o.id for o in found]
+            for study_pk, found in orders.orders_by_study(
+                session=session, study_ids=list(by_study)
+            ).items()
+        }
         session.expunge_all()
     dicomweb = _dicomweb_base(request)
     return [mapping.imaging_study(s, by_study[s.id], dicomweb, ordered.get(s.id)) for s in studies]

@@ -258,6 +258,22 @@ def orders_of_study(*, session: Session, study: Study) -> list[ImagingOrder]:
     )
 
 
+def orders_by_study(*, session: Session, study_ids: list[int]) -> dict[int, list[ImagingOrder]]:
+    """The orders of many studies at once (a study list, a search page): study row id →
+    its orders, oldest first; studies without an order are left out."""
+    found: dict[int, list[ImagingOrder]] = {}
+    if not study_ids:
+        return found
+    for study_id, order in session.execute(
+        select(Study.id, ImagingOrder)
+        .join(ImagingOrder, study_link())
+        .where(Study.id.in_(study_ids))
+        .order_by(ImagingOrder.id)
+    ):
+        found.setdefault(study_id, []).append(order)
+    return found
+
+
 def studies_of_order(
     *, session: Session, order: ImagingOrder, scope: ColumnElement[bool] | None = None
 ) -> list[Study]:
