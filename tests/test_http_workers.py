@@ -20,9 +20,14 @@ from conftest import DATA, free_port
 
 
 def _workers(parent: psutil.Process) -> set[int]:
-    return {
-        p.pid for p in parent.children() if "spawn_main" in " ".join(p.cmdline()) and p.is_running()
-    }
+    pids = set()
+    for child in parent.children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(child.cmdline()):
+                pids.add(child.pid)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue  # a worker that just died (not yet reaped)
+    return pids
 
 
 def _replaced(parent: psutil.Process, gone: int, seconds: float = 60) -> set[int]:

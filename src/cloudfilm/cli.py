@@ -211,9 +211,9 @@ def serve(
             given = {**overrides, **({"data_dir": data_dir} if data_dir else {})}
             _HTTPServer.serve_workers(settings, given)
         elif role in (Role.ALL, Role.API):
-            from cloudfilm.app import create_app
+            from cloudfilm.app import serving_app
 
-            _HTTPServer.serve_app(create_app(archive), settings)
+            _HTTPServer.serve_app(serving_app(archive), settings)
         else:
             stop = threading.Event()
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
