@@ -836,6 +836,11 @@ class TierPolicy(_Section):
     older_than_days: int = Field(default=365, ge=0)
     """Studies whose Study Date (else the day they arrived) is more than this many days ago."""
 
+    not_accessed_days: int | None = Field(default=None, ge=0)
+    """Besides ``older_than_days``: only studies not retrieved (WADO, C-MOVE, C-GET) for this
+    many days (never retrieved: counted from the day they arrived); empty: not considered.
+    Set ``older_than_days = 0`` to move by last access alone."""
+
     modalities: list[str] = Field(default_factory=list)
     """Only studies with one of these modalities (``["CT", "MR"]``); empty: any."""
 
@@ -887,6 +892,11 @@ class TiersSettings(_Section):
 
     recall_retry_after_seconds: int = Field(default=30, ge=1)
     """``Retry-After`` of the 503 answer to a read of an object being recalled."""
+
+    retrieve_wait_seconds: float = Field(default=5.0, ge=0, le=300)
+    """A C-MOVE or C-GET of objects on a tier that is not read on request (offline) starts
+    their study's recall and waits this long for it; when the recall has not finished by
+    then the request fails with 0xA702 and the Error Comment "recall started, retry later"."""
 
     @field_validator("backends")
     @classmethod

@@ -95,6 +95,9 @@ class Study(Base):
     pinned: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     """Kept on the online tier: the tier planner never migrates it (pinning a study that
     is on a lower tier recalls it)."""
+    last_accessed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """When the study was last retrieved (WADO, C-MOVE, C-GET), to within an hour
+    (:mod:`cloudfilm.archive.access`); ``None``: not read since it arrived."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 

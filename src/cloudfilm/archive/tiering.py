@@ -27,6 +27,7 @@ import logging
 import os
 import socket
 import threading
+import time as time_module
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import and_, case, exists, false, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from cloudfilm.archive.access import AccessLog
 from cloudfilm.archive.models import Instance, Patient, Series, StorageJob, Study
 from cloudfilm.audit import service as audit
 from cloudfilm.audit.enums import ActorType, AuditAction, AuditEventType, AuditOutcome
@@ -218,6 +220,8 @@ class Tiering:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.wake = threading.Event()
         """Set when a recall is requested, so the runner thread starts at once."""
+        self.access = AccessLog(self.db)
+        """Last retrieval of studies (``not_accessed_days`` of the tier policies)."""
         if self.storage is not None:
             self.storage.attach(self.locate, self.recall_for_key)
 
@@ -386,6 +390,56 @@ class Tiering:
         for row in rows:
             if row.storage_name in offline:
                 raise self.storage.recall_error(row.storage_key, tier_of(row.storage_name))
+
+    def offline_studies(self, keys: list[str]) -> dict[int, str]:
+        """Study pk → Study Instance UID of the studies that have one of the objects
+        ``keys`` on a tier that is not read on request."""
+        if self.storage is None:
+            return {}
+        offline = [storage_name_of(t) for t in self.storage.offline_tiers()]
+        if not offline:
+            return {}
+        studies: dict[int, str] = {}
+        with self.db.read_session() as session:
+            for start in range(0, len(keys), 500):
+                rows = session.execute(
+                    select(Study.id, Study.study_instance_uid)
+                    .join(Series, Series.study_pk == Study.id)
+                    .join(Instance, Instance.series_pk == Series.id)
+                    .where(
+                        Instance.storage_key.in_(keys[start : start + 500]),
+                        Instance.storage_name.in_(offline),
+                    )
+                    .distinct()
+                ).all()
+                studies.update({r[0]: r[1] for r in rows})
+        return studies
+
+    def recall_for_retrieve(
+        self, keys: list[str], *, wait: float, actor: Actor, requested_by: str = "retrieve"
+    ) -> list[int]:
+        """Before a C-MOVE / C-GET sends ``keys``: recall the studies that have some of them
+        offline and wait up to ``wait`` seconds for that; the recall jobs still running
+        (empty: everything can be read now)."""
+        studies = self.offline_studies(keys)
+        if not studies:
+            return []
+        jobs: list[int] = []
+        with self.db.session() as session:
+            for study_pk in studies:
+                study = session.get(Study, study_pk)
+                if study is not None:
+                    job = self.enqueue(
+                        session, study, JobKind.RECALL, ANY, ONLINE, requested_by, actor=actor
+                    )
+                    jobs.append(job.id)
+        deadline = time_module.monotonic() + wait
+        while True:
+            if not self.offline_studies(keys):
+                return []
+            if time_module.monotonic() >= deadline:
+                return jobs
+            time_module.sleep(min(0.2, max(0.0, deadline - time_module.monotonic())))
 
     def set_pinned(
         self, study_uid: str, pinned: bool, requested_by: str = "", *, actor: Actor | None = None
@@ -561,6 +615,14 @@ class Tiering:
                 and_(Study.study_date == "", Study.created_at < cutoff),
             ),
         )
+        if policy.not_accessed_days is not None:
+            unread = now - timedelta(days=policy.not_accessed_days)
+            query = query.where(
+                or_(
+                    Study.last_accessed_at < unread,
+                    and_(Study.last_accessed_at.is_(None), Study.created_at < unread),
+                )
+            )
         if policy.institutions:
             query = query.where(Study.institution_name.in_(policy.institutions))
         with self.db.read_session() as session:

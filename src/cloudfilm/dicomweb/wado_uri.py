@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from cloudfilm.archive.access import note_access
 from cloudfilm.auth.guard import Permit
 from cloudfilm.auth.permissions import Permission
 from cloudfilm.auth.principal import Principal
@@ -47,7 +48,9 @@ def wado_uri(request: Request, _caller: Reader) -> Response:
     [(row, _, _)] = instances_of(
         request, params["studyUID"], params["seriesUID"], params["objectUID"]
     )
-    blob = archive_of(request).storage.read(row.storage_key)
+    archive = archive_of(request)
+    blob = archive.storage.read(row.storage_key)
+    note_access(archive, [params["studyUID"]])
     content_type = params.get("contentType", "image/jpeg").split(",")[0].strip()
     if content_type == "application/dicom":
         syntax = params.get("transferSyntax")

@@ -46,6 +46,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 
+from cloudfilm.archive.access import note_access
 from cloudfilm.archive.ingest import Archive
 from cloudfilm.archive.matching import Level, QueryError
 from cloudfilm.archive.models import Study
@@ -79,6 +80,8 @@ _NATIVE_LITTLE_ENDIAN = frozenset(
 )
 #: Stored syntaxes decoded exactly: offered natively too (lossless compression at ingest).
 _LOSSLESS = frozenset({JPEGLSLossless, JPEG2000Lossless, RLELossless})
+_RECALLING = "recall started, retry later"
+"""Error Comment of a C-MOVE / C-GET whose objects are being recalled from offline."""
 _INTERNAL_ERROR = "internal error; see the server log"
 
 
@@ -276,10 +279,15 @@ class QueryRetrieveSCP:
             "contexts": contexts,
             "evt_handlers": [(evt.EVT_CONN_OPEN, _no_delay), (evt.EVT_ACCEPTED, accepted)],
         }
+        recalling = self._recalling(operation, instances)
         yield destination.address, destination.port, options
         if instances is None:
             yield 1
             yield status(DimseStatus.CANNOT_UNDERSTAND, _INTERNAL_ERROR), None
+            return
+        if recalling:
+            yield len(instances)
+            yield status(DimseStatus.OUT_OF_SUBOPERATIONS, _RECALLING), None
             return
         yield len(instances)
         yield from self._send(event, operation, instances)
@@ -299,8 +307,32 @@ class QueryRetrieveSCP:
             yield status(DimseStatus.CANNOT_UNDERSTAND, _INTERNAL_ERROR), None
             return
         operation.accepted = _accepted(event.assoc)
+        if self._recalling(operation, instances):
+            yield len(instances)
+            yield status(DimseStatus.OUT_OF_SUBOPERATIONS, _RECALLING), None
+            return
         yield len(instances)
         yield from self._send(event, operation, instances)
+
+    def _recalling(self, operation: Operation, instances: list[MatchedInstance] | None) -> bool:
+        """Some of ``instances`` are on an offline tier and their recall (started here) did
+        not finish within ``tiers.retrieve_wait_seconds``: answer 0xA702, retry later."""
+        if not instances:
+            return False
+        try:
+            jobs = self.archive.tiering.recall_for_retrieve(
+                [i.storage_key for i in instances],
+                wait=self.archive.settings.tiers.retrieve_wait_seconds,
+                actor=operation.actor,
+            )
+        except Exception:
+            logger.exception("could not start the recall of offline objects")
+            return False  # the reads then fail one by one (failed sub-operations)
+        if jobs:
+            operation.note = (
+                f"on an offline tier: recall started (job {', '.join(map(str, jobs))}), retry later"
+            )
+        return bool(jobs)
 
     def _matched(
         self, operation: Operation, request: RetrieveRequest
@@ -317,6 +349,7 @@ class QueryRetrieveSCP:
         operation.instances = len(instances)
         operation.study_uids.update(i.study_instance_uid for i in instances)
         operation.patient_ids.update(i.patient_id for i in instances)
+        note_access(self.archive, operation.study_uids)
         return instances
 
     def _send(

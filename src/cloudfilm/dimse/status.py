@@ -16,6 +16,9 @@ class DimseStatus(IntEnum):
     NOT_AUTHORISED = 0x0124
     """Refused: Not Authorised — the node table does not allow this service to the caller."""
     OUT_OF_RESOURCES = 0xA700
+    OUT_OF_SUBOPERATIONS = 0xA702
+    """C-MOVE / C-GET: Refused, Out of Resources – Unable to perform sub-operations (also:
+    the objects are on an offline tier and being recalled)."""
     MOVE_DESTINATION_UNKNOWN = 0xA801
     IDENTIFIER_DOES_NOT_MATCH = 0xA900
     """The identifier is not usable with the SOP class (level, keys or a malformed value)."""
