@@ -760,7 +760,19 @@ class GatewaySettings(_Section):
 
     schedule_hours: str | None = None
     """Hours in which polled studies are retrieved and delivered, e.g. ``"20-6"`` (8 pm to
-    6 am); empty means always. Manual requests (``gateway fetch``) ignore it."""
+    6 am); empty means always. Back-fill by date range (``gateway fetch --from/--to``) keeps
+    to it too, unless ``--now``; requests for one study (UID, accession, patient ID, the
+    trigger) ignore it."""
+
+    bandwidth_bytes_per_second: int | None = Field(default=None, gt=0)
+    """Upper limit of the gateway's uploads to the archive in bytes per second, shared by
+    all its work (STOW-RS bodies streamed through a token bucket, C-STORE objects taken
+    whole), e.g. ``2000000`` for about 16 Mbit/s; empty means unlimited. Set it when the
+    hospital's line to the archive is shared with other traffic."""
+
+    bandwidth_send_back: bool = False
+    """Also hold the send-back downloads from the archive (``gateway send-back``) to
+    ``bandwidth_bytes_per_second``, in the same bucket as the uploads."""
 
     destinations: dict[str, GatewayDestination] = Field(default_factory=dict)
     """Hospital nodes studies are sent back to from the archive (``gateway send-back``):

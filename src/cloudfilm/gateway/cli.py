@@ -134,8 +134,13 @@ def fetch(
     patient_id: str = typer.Option("", "--patient-id", help="Patient ID."),
     date_from: str = typer.Option("", "--from", help="First StudyDate, YYYYMMDD."),
     date_to: str = typer.Option("", "--to", help="Last StudyDate, YYYYMMDD."),
+    now: bool = typer.Option(
+        False, "--now", help="A date-range back-fill ignores gateway.schedule_hours too."
+    ),
 ) -> None:
-    """Queue studies by hand (back-fill): found by C-FIND, moved outside the schedule."""
+    """Queue studies by hand, found by C-FIND. One study (UID, accession, patient ID) moves
+    outside the schedule; a back-fill by date range keeps to gateway.schedule_hours unless
+    --now. Uploads keep to gateway.bandwidth_bytes_per_second either way."""
     from cloudfilm.gateway.pacs import PacsError
     from cloudfilm.gateway.service import Gateway
 
@@ -154,6 +159,7 @@ def fetch(
             accession_number=accession or None,
             patient_id=patient_id or None,
             study_date=dates,
+            now=now,
         )
     except (PacsError, ValueError) as exc:
         console.print(f"[red]{exc}[/red]")

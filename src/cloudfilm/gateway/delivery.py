@@ -30,6 +30,7 @@ import httpx
 from pydicom.dataset import Dataset
 
 from cloudfilm.config import GatewaySettings
+from cloudfilm.gateway.bandwidth import Throttle
 from cloudfilm.gateway.messages import message, since
 
 _REASONS = {
@@ -62,8 +63,12 @@ def describe_reason(code: int) -> str:
 class ArchiveClient:
     """STOW-RS to the archive as an integration client."""
 
-    def __init__(self, settings: GatewaySettings, *, transport: Any = None) -> None:
+    def __init__(
+        self, settings: GatewaySettings, *, transport: Any = None, throttle: Throttle | None = None
+    ) -> None:
         self.settings = settings
+        self.throttle = throttle
+        """Bandwidth limit of the STOW-RS bodies (and of the send-back downloads)."""
         self._token: str | None = None
         self.http = httpx.Client(
             base_url=settings.archive_url.rstrip("/"),
@@ -124,6 +129,7 @@ class ArchiveClient:
                     keep,
                     peer=self.settings.archive_url,
                     headers={"Authorization": f"Bearer {token}"},
+                    throttle=self.throttle,
                 )
             except Unauthorised as exc:
                 self._token = None  # expired or revoked: one fresh token, then give up
@@ -136,12 +142,14 @@ class ArchiveClient:
     def send(self, study_instance_uid: str, parts: Sequence[tuple[str, bytes]]) -> StowOutcome:
         """Send ``parts`` (SOP Instance UID, file bytes) of one study in one request."""
         boundary = secrets.token_hex(16)
-        body = bytearray()
+        pieces: list[bytes] = []
         for _, data in parts:
-            body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode("ascii")
-            body += data
-            body += b"\r\n"
-        body += f"--{boundary}--\r\n".encode("ascii")
+            pieces.append(
+                f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode("ascii")
+            )
+            pieces += (data, b"\r\n")
+        pieces.append(f"--{boundary}--\r\n".encode("ascii"))
+        length = sum(len(piece) for piece in pieces)
         headers = {
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
             "Accept": "application/dicom+json",
@@ -156,13 +164,22 @@ class ArchiveClient:
                 peer=self.settings.archive_url,
                 study_uid=study_instance_uid,
                 instances=len(parts),
-                bytes=len(body),
+                bytes=length,
             )
             try:
                 response = self.http.post(
                     f"/dicom-web/studies/{study_instance_uid}",
-                    content=bytes(body),
-                    headers={**headers, "Authorization": f"Bearer {token}"},
+                    # Limited: streamed through the bucket (Content-Length still sent).
+                    content=(
+                        self.throttle.chunks(pieces)
+                        if self.throttle is not None
+                        else b"".join(pieces)
+                    ),
+                    headers={
+                        **headers,
+                        "Authorization": f"Bearer {token}",
+                        "Content-Length": str(length),
+                    },
                 )
             except httpx.HTTPError as exc:
                 message(
@@ -244,6 +261,7 @@ class CStoreClient:
         host: str | None = None,
         port: int | None = None,
         hint: str | None = None,
+        throttle: Throttle | None = None,
     ) -> None:
         """To the archive's DIMSE port, or to the node ``aet``/``host``/``port`` (a hospital
         destination of the way back); ``hint`` ends the message of a refused association."""
@@ -254,6 +272,8 @@ class CStoreClient:
         )
         self.port = port or settings.archive_port
         self.what = "archive" if aet is None else f"destination {aet}"
+        self.throttle = throttle
+        """Bandwidth limit: each object is taken whole from the bucket before it is sent."""
         self.hint = hint or (
             f"check gateway.archive_* and that the archive's dimse.nodes lists {settings.ae_title}"
         )
@@ -266,6 +286,7 @@ class CStoreClient:
         from pynetdicom import AE
 
         datasets = [(uid, dcmread(io.BytesIO(data))) for uid, data in parts]
+        sizes = {uid: len(data) for uid, data in parts}
         ae = AE(ae_title=self.settings.ae_title)
         ae.network_timeout = self.settings.network_timeout
         ae.acse_timeout = min(30.0, self.settings.network_timeout)
@@ -288,6 +309,8 @@ class CStoreClient:
                 if str(ds.get("StudyInstanceUID", "")) != study_instance_uid:
                     outcome.refused[uid] = describe_reason(0xA900)
                     continue
+                if self.throttle is not None:
+                    self.throttle.take(sizes[uid])
                 start = time.monotonic()
                 try:
                     status = assoc.send_c_store(ds)
@@ -307,7 +330,7 @@ class CStoreClient:
                     peer=self.aet,
                     study_uid=study_instance_uid,
                     sop_uid=uid,
-                    bytes=len(dict(parts)[uid]),
+                    bytes=sizes[uid],
                     status=f"0x{code:04X}",
                     ms=since(start),
                 )

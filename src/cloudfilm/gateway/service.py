@@ -27,6 +27,7 @@ from cloudfilm.config import (
 from cloudfilm.errors import NotFound
 from cloudfilm.gateway import wado, wado_uri
 from cloudfilm.gateway.api import APIServer, TriggerError, TriggerRequest
+from cloudfilm.gateway.bandwidth import throttle_for
 from cloudfilm.gateway.delivery import ArchiveClient, CStoreClient, DeliveryError, StowOutcome
 from cloudfilm.gateway.drops import Drop, DropError, Incomplete, NotDicom, open_drop, parse
 from cloudfilm.gateway.messages import close_message_log, message, open_message_log
@@ -52,12 +53,17 @@ class Gateway:
         self.gw = settings.gateway
         self.queue = GatewayQueue(settings, clock=clock)
         self.message_log = open_message_log(self.gw.data_dir)
+        self.throttle = throttle_for(self.gw.bandwidth_bytes_per_second)
+        """The gateway's one bandwidth bucket (``gateway.bandwidth_bytes_per_second``)."""
         self.archive = archive or (
-            CStoreClient(self.gw)
+            CStoreClient(self.gw, throttle=self.throttle)
             if self.gw.delivery is DeliveryMethod.CSTORE
-            else ArchiveClient(self.gw)
+            else ArchiveClient(self.gw, throttle=self.throttle)
         )
-        self.send_back = SendBack(self.queue, ArchiveClient(self.gw))
+        self.send_back = SendBack(
+            self.queue,
+            ArchiveClient(self.gw, throttle=self.throttle if self.gw.bandwidth_send_back else None),
+        )
         """The way back: studies from the archive to hospital nodes."""
         self.scp = StorageSCP(self.gw, self.queue)
         self.api: APIServer | None = None
@@ -233,8 +239,14 @@ class Gateway:
         accession_number: str | None = None,
         patient_id: str | None = None,
         study_date: str | None = None,
+        now: bool = False,
     ) -> list[FoundStudy]:
-        """A manual request (back-fill): find the studies and queue them outside the schedule."""
+        """A manual request: find the studies and queue them.
+
+        A request for particular studies (UID, accession number, patient ID) is moved outside
+        the schedule: someone is waiting for it. A back-fill by date range alone keeps to
+        ``gateway.schedule_hours`` like the polls, unless ``now``.
+        """
         if not (study_instance_uid or accession_number or patient_id or study_date):
             raise ValueError("name a study UID, an accession number, a patient ID or dates")
         source = self.source(name)
@@ -250,8 +262,9 @@ class Gateway:
             patient_id=patient_id,
             study_date=study_date,
         )
+        urgent = now or bool(study_instance_uid or accession_number or patient_id)
         for study in found:
-            self.queue.discover(name, study, manual=True)
+            self.queue.discover(name, study, manual=urgent)
         return found
 
     def trigger(self, request: TriggerRequest) -> dict[str, Any]:

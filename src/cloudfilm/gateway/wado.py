@@ -18,6 +18,7 @@ import pydicom
 from python_multipart.multipart import MultipartParser
 
 from cloudfilm.config import GatewaySettings, GatewaySource
+from cloudfilm.gateway.bandwidth import Throttle
 from cloudfilm.gateway.messages import message, since
 from cloudfilm.gateway.pacs import PacsError
 
@@ -61,6 +62,7 @@ def stream_study(
     *,
     peer: str,
     headers: dict[str, str] | None = None,
+    throttle: Throttle | None = None,
 ) -> int:
     """GET the WADO-RS study resource ``url`` on ``http`` and call ``keep(data, header)``
     for every part as it streams in; returns how many instances the answer held.
@@ -117,6 +119,8 @@ def stream_study(
                 max_header_count=16,
             )
             for chunk in response.iter_bytes():
+                if throttle is not None:
+                    throttle.take(len(chunk))
                 size += len(chunk)
                 parser.write(chunk)
             parser.finalize()
