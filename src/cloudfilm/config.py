@@ -225,6 +225,14 @@ class MonitoringSettings(_Section):
     sample_retention_days: int = Field(default=400, ge=1)
     """Usage samples older than this are deleted."""
 
+    quota_bytes: dict[str, int] = Field(default_factory=dict)
+    """Bytes the archive may use per tier (``online`` or a name in ``tiers.backends``),
+    e.g. ``{"online": 50000000000000}``. Object storage has no free space to measure: with a
+    quota its capacity is the quota and its used bytes are what the index places there
+    (kept current between monitor passes by the bytes each process wrote), so usage alarms,
+    the days-until-full projection and the ingest reserve work as for a disk. On a file
+    system the quota caps the device (free = the smaller of both)."""
+
     @model_validator(mode="after")
     def _check_order(self) -> Self:
         if self.warning_percent >= self.critical_percent:

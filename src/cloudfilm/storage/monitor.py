@@ -13,7 +13,11 @@ Three parts with three speeds:
 
 A backend tells its device's size through an optional method ``usage() -> (free, total)``
 in bytes, or ``None`` when it cannot know (object storage): :class:`ReportsUsage`. Such
-backends still get archive-side numbers (bytes and objects indexed) and a growth rate.
+backends still get archive-side numbers (bytes and objects indexed, reported as used) and a
+growth rate. With a quota (``monitoring.quota_bytes`` of the tier) the quota is the
+capacity and the used bytes are the index's bytes on that storage: the sum of every pass
+(:meth:`StorageMonitor.status`) plus what this process let through the ingest guard since,
+so the guard needs no query per write.
 
 The growth rate comes from the samples of the last ``monitoring.growth_window_days``: the
 change of the device's used bytes (or of the archive's bytes where the device is unknown)
@@ -115,6 +119,8 @@ class BackendStatus:
     archive_bytes: int
     instances: int
     reserve_bytes: int | None
+    quota_bytes: int | None
+    """``monitoring.quota_bytes`` of the tier (the capacity of object storage)."""
     growth_bytes_per_day: float | None
     days_until_full: float | None
     """Days until free space reaches the reserve (ingest refused) at the growth rate;
@@ -210,7 +216,30 @@ class StorageMonitor:
         self._cache: dict[str, _Cached] = {}
         self._refused: dict[str, int] = {}
         """Size of the last write this process refused for lack of space, per storage name."""
+        self._indexed: dict[str, int] = {}
+        """Bytes the index placed on each storage at the last :meth:`status` (quota use)."""
+        self._written: dict[str, int] = {}
+        """Bytes this process let through :meth:`check_space` since then, per storage."""
         self._lock = threading.Lock()
+
+    def quota(self, name: str) -> int | None:
+        """``monitoring.quota_bytes`` of storage ``name``'s tier."""
+        _, tier = self.backends[name]
+        return self.settings.quota_bytes.get(tier)
+
+    def _quota_used(self, name: str) -> int:
+        """The index's bytes on ``name`` (measured once when no pass ran yet) plus what this
+        process wrote there since."""
+        with self._lock:
+            known = name in self._indexed
+        if not known:
+            by_storage = self.totals().by_storage
+            with self._lock:
+                if name not in self._indexed:
+                    self._indexed[name] = by_storage.get(name, (0, 0))[0]
+                    self._written[name] = 0
+        with self._lock:
+            return self._indexed[name] + self._written.get(name, 0)
 
     # -- device usage and the ingest guard
 
@@ -231,6 +260,13 @@ class StorageMonitor:
                         usage = DeviceUsage(capacity=measured[1], free=measured[0])
             except OSError as exc:
                 error = exc.strerror or str(exc)
+            quota = self.quota(name)
+            if quota is not None and error is None:
+                free = max(0, quota - self._quota_used(name))
+                if usage is None:
+                    usage = DeviceUsage(capacity=quota, free=free)
+                else:
+                    usage = DeviceUsage(min(usage.capacity, quota), min(usage.free, free))
             cached = _Cached(clock, usage, error)
             with self._lock:
                 self._cache[name] = cached
@@ -282,6 +318,13 @@ class StorageMonitor:
                 f"{_gib(reserve)} kept in reserve; free space or add storage, then resend"
             )
         self._refused.pop(name, None)
+        if self.quota(name) is not None:
+            with self._lock:
+                self._written[name] = self._written.get(name, 0) + nbytes
+            cached = self._cache.get(name)
+            if cached is not None and cached.usage is not None:
+                # The next write within the cache second sees this one too.
+                cached.usage = DeviceUsage(cached.usage.capacity, cached.usage.free - nbytes)
 
     # -- status and projection
 
@@ -290,6 +333,10 @@ class StorageMonitor:
         totals = totals or self.totals()
         now = self.now()
         result = []
+        with self._lock:
+            for name in self.backends:
+                self._indexed[name] = totals.by_storage.get(name, (0, 0))[0]
+                self._written[name] = 0
         for name, (backend, tier) in self.backends.items():
             archive_bytes, instances = totals.by_storage.get(name, (0, 0))
             error = None
@@ -314,11 +361,13 @@ class StorageMonitor:
                     scheme=backend.url.partition(":")[0],
                     capacity_bytes=usage.capacity if usage else None,
                     free_bytes=usage.free if usage else None,
-                    used_bytes=usage.used if usage else None,
+                    # Object storage without a quota: what the index placed there.
+                    used_bytes=usage.used if usage else None if error else archive_bytes,
                     percent_used=round(usage.percent_used, 2) if usage else None,
                     archive_bytes=archive_bytes,
                     instances=instances,
                     reserve_bytes=reserve,
+                    quota_bytes=self.quota(name),
                     growth_bytes_per_day=growth,
                     days_until_full=round(days, 1) if days is not None else None,
                     accepting=accepting,

@@ -136,6 +136,10 @@ class StorageCollector(Collector):
             "accepting": gauge(
                 "cloudfilm_storage_accepting", "1 while ingest is accepted, 0 when refused."
             ),
+            "quota": gauge(
+                "cloudfilm_storage_quota_bytes",
+                "Configured quota of the tier (monitoring.quota_bytes; object storage's capacity).",
+            ),
             "archive": gauge("cloudfilm_archive_bytes", "Bytes of the indexed objects."),
             "instances": gauge("cloudfilm_archive_instances", "Indexed instances."),
         }
@@ -149,6 +153,7 @@ class StorageCollector(Collector):
                 "growth": s.growth_bytes_per_day,
                 "days": s.days_until_full,
                 "accepting": int(s.accepting),
+                "quota": s.quota_bytes,
                 "archive": s.archive_bytes,
                 "instances": s.instances,
             }
