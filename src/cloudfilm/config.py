@@ -265,8 +265,8 @@ class CompressionSettings(_Section):
     codec: Codec = Codec.JPEG_LS_LOSSLESS
     """Codec for modalities not named in ``by_modality``: ``jpeg-ls-lossless`` (best ratio
     and speed measured, docs/benchmarks.md), ``jpeg2000-lossless``, ``rle-lossless``,
-    ``htj2k-lossless`` (refused until pydicom has an HTJ2K encoder; none in pydicom 3.0) or
-    ``none``."""
+    ``htj2k-lossless`` (High-Throughput JPEG 2000, encoded with OpenJPH through imagecodecs;
+    grey-scale images only, colour ones are kept as received) or ``none``."""
 
     by_modality: dict[str, Codec] = Field(default_factory=dict)
     """Codec per Modality (0008,0060), overriding ``codec``, e.g.
@@ -308,8 +308,9 @@ class CompressionSettings(_Section):
 
             if not htj2k_available():
                 raise ValueError(
-                    "compression codec htj2k-lossless needs an HTJ2K encoder, and pydicom 3.0 "
-                    "has none: choose jpeg-ls-lossless or jpeg2000-lossless"
+                    "compression codec htj2k-lossless needs an HTJ2K encoder (the imagecodecs "
+                    "package with OpenJPH), which is not installed: choose jpeg-ls-lossless "
+                    "or jpeg2000-lossless"
                 )
         return self
 

@@ -18,6 +18,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     ExplicitVRLittleEndian,
+    HTJ2KLossless,
     JPEG2000Lossless,
     JPEGLSLossless,
 )
@@ -29,7 +30,7 @@ from cloudfilm.audit.models import AuditEvent
 from cloudfilm.audit.service import Actor
 from cloudfilm.config import Codec, CompressionSettings, Settings
 
-from conftest import DATA, LiveServer
+from conftest import DATA, LiveServer, shared_data
 
 ACTOR = Actor.cli("pytest")
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -268,9 +269,30 @@ def test_report__ct_134_jpeg_ls_ratio(archive: Archive) -> None:
     assert codestreams == ct.stored_bytes
 
 
-def test_settings__htj2k_refused_without_an_encoder() -> None:
-    with pytest.raises(ValueError, match="HTJ2K encoder"):
-        CompressionSettings(codec=Codec.HTJ2K_LOSSLESS)
+@pytest.mark.parametrize("name", ["ct_small.dcm", "mr_small.dcm"])
+def test_ingest__htj2k_grey_scale_bit_exact(
+    archive: Archive, settings: Settings, name: str
+) -> None:
+    """HTJ2K (OpenJPH through imagecodecs), checked with pydicom's OpenJPEG decoder."""
+    settings.compression = CompressionSettings(
+        codec=Codec.HTJ2K_LOSSLESS, min_pixel_bytes=0, deferred=False
+    )
+    original = dcmread(DATA / name)
+    assert archive.ingest((DATA / name).read_bytes(), actor=ACTOR).ok
+    instance, stored = _stored(archive, str(original.SOPInstanceUID))
+    assert instance.transfer_syntax_uid == HTJ2KLossless
+    assert instance.byte_size < instance.original_bytes
+    _assert_bit_exact(original, stored)
+
+
+def test_ingest__htj2k_keeps_colour_as_received(archive: Archive, settings: Settings) -> None:
+    settings.compression = CompressionSettings(
+        codec=Codec.HTJ2K_LOSSLESS, min_pixel_bytes=0, deferred=False
+    )
+    path = shared_data("color/us_rgb_nema_us1_uncompressed.dcm")
+    assert archive.ingest(path.read_bytes(), actor=ACTOR).ok
+    instance, _ = _stored(archive, str(dcmread(path).SOPInstanceUID))
+    assert instance.transfer_syntax_uid == instance.original_transfer_syntax_uid
 
 
 def test_api__compression_report(live_server: LiveServer) -> None:

@@ -246,14 +246,37 @@ def test_retrieve__transcoded_pixels_identical(live_server: LiveServer, syntax: 
         assert (got.pixel_array == original.pixel_array).all()
 
 
-def test_retrieve__htj2k_not_available_is_406(ct: tuple[LiveServer, str, str, str]) -> None:
+def test_retrieve__htj2k_pixels_identical(live_server: LiveServer) -> None:
+    """HTJ2K lossless on request (dicomweb-client does not ask for it: plain HTTP)."""
+    archive = live_server.archive
+    name = "emri_small_jpeg_ls_lossless.dcm"
+    assert archive.ingest((DATA / name).read_bytes(), actor=ACTOR).ok
+    original = dcmread(DATA / name)
+    response = httpx.get(
+        f"{live_server.url}/dicom-web/studies/{original.StudyInstanceUID}/series/"
+        f"{original.SeriesInstanceUID}/instances/{original.SOPInstanceUID}",
+        headers={
+            **live_server.headers,
+            "Accept": 'multipart/related; type="application/dicom"; '
+            "transfer-syntax=1.2.840.10008.1.2.4.201",
+        },
+    )
+    assert response.status_code == 200, response.text
+    boundary = response.headers["content-type"].split("boundary=")[1].strip('"').encode()
+    [part] = [p for p in response.content.split(b"--" + boundary) if b"\r\n\r\n" in p]
+    got = dcmread(io.BytesIO(part.split(b"\r\n\r\n", 1)[1].rstrip(b"\r\n")))
+    assert got.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.201"
+    assert (got.pixel_array == original.pixel_array).all()  # decoded by OpenJPEG
+
+
+def test_retrieve__unknown_transfer_syntax_is_406(ct: tuple[LiveServer, str, str, str]) -> None:
     server, study, _, _ = ct
-    accept = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.201'
+    accept = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.50'
     response = httpx.get(
         f"{server.url}/dicom-web/studies/{study}", headers={**server.headers, "Accept": accept}
     )
     assert response.status_code == 406
-    assert "1.2.840.10008.1.2.4.80" in response.json()["error"]
+    assert "1.2.840.10008.1.2.4.201" in response.json()["error"]  # what can be had instead
 
 
 def test_study_archive__zip_with_dicomdir(live_server: LiveServer, tmp_path: Path) -> None:

@@ -11,9 +11,13 @@ Two uses:
   pixels are bit-identical to the received ones. A pure function of bytes, so it can run
   in a worker thread or process.
 
-HTJ2K: pydicom 3.0 has no HTJ2K encoder, pylibjpeg-openjpeg 2.6 only decodes it, and the
-imagecodecs wheels with an HTJ2K encoder (OpenJPH) need Python 3.12; until one is
-installable :func:`htj2k_available` is false and the setting refuses ``htj2k-lossless``.
+HTJ2K (High-Throughput JPEG 2000, PS3.5 A.4.7): pydicom 3.0 has no HTJ2K encoder, so
+single-sample images are encoded here with imagecodecs (OpenJPH, reversible) frame by
+frame and encapsulated with a Basic Offset Table; pydicom decodes them with
+pylibjpeg-openjpeg, an independent implementation, for the verification. Colour images
+are not offered HTJ2K: OpenJPH applies the reversible colour transform to three
+components, which DICOM would have to label YBR_RCT. :func:`htj2k_available` says
+whether the encoder imports.
 
 Encoders are named explicitly: GDCM's RLE encoder aborts the whole process (a C++
 exception through ``abort()``) on images of odd width, so it is never chosen.
@@ -28,9 +32,9 @@ from typing import Any
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.pixels.encoders.base import get_encoder
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -93,11 +97,47 @@ def can_produce(target: str) -> bool:
 
 
 def htj2k_available() -> bool:
-    """Whether pydicom has a usable HTJ2K encoder (none in pydicom 3.0: see above)."""
+    """Whether an HTJ2K encoder is installed (imagecodecs with OpenJPH; see above)."""
     try:
-        return bool(get_encoder(HTJ2KLossless).is_available)
-    except (NotImplementedError, ValueError):
+        import imagecodecs
+    except ImportError:
         return False
+    return bool(imagecodecs.HTJ2K.available)
+
+
+if htj2k_available():
+    TARGETS[HTJ2KLossless] = "imagecodecs"
+
+
+def _compress(ds: Dataset, uid: UID, arr: np.ndarray[Any, Any] | None = None) -> None:
+    """Encode the pixel data of ``ds`` (uncompressed) in the lossless ``uid``, in place.
+    ``arr``: its decoded pixels, when the caller has them already."""
+    if uid == HTJ2KLossless:
+        _compress_htj2k(ds, _decode(ds) if arr is None else arr)
+        return
+    ds.compress(
+        uid,
+        arr,
+        encoding_plugin=TARGETS.get(uid, ""),
+        generate_instance_uid=False,  # pydicom's default would re-identify it
+        **_ENCODE_OPTIONS.get(uid, {}),
+    )
+
+
+def _compress_htj2k(ds: Dataset, arr: np.ndarray[Any, Any]) -> None:
+    import imagecodecs
+
+    samples = int(ds.get("SamplesPerPixel", 1))
+    if samples != 1:
+        raise CodecUnavailable("HTJ2K is offered for single-sample (grey-scale) images only")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    layout = arr.reshape(frames, int(ds.Rows), int(ds.Columns))
+    encoded = [bytes(imagecodecs.htj2k_encode(frame, reversible=True)) for frame in layout]
+    ds.PixelData = encapsulate(encoded, has_bot=True)
+    element = ds["PixelData"]
+    element.VR = "OB"
+    element.is_undefined_length = True
+    ds.file_meta.TransferSyntaxUID = HTJ2KLossless
 
 
 def transcode(blob: bytes, target: str) -> bytes:
@@ -117,12 +157,7 @@ def transcode(blob: bytes, target: str) -> bytes:
         if uid.is_compressed:
             if "PixelData" not in ds:
                 raise CodecUnavailable(f"{target} needs pixel data; this object has none")
-            ds.compress(
-                uid,
-                encoding_plugin=TARGETS[target],
-                generate_instance_uid=False,  # pydicom's default would re-identify it
-                **_ENCODE_OPTIONS.get(target, {}),
-            )
+            _compress(ds, uid)
         else:
             ds.file_meta.TransferSyntaxUID = uid
         out = io.BytesIO()
@@ -175,16 +210,12 @@ def compress_verified(blob: bytes, target: str, *, min_pixel_bytes: int = 0) -> 
         raise CodecFailed(f"the object cannot be read: {exc}") from exc
     source = UID(str(ds.file_meta.TransferSyntaxUID))
     _check_suitable(ds, source, min_pixel_bytes)
+    if uid == HTJ2KLossless and int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise NotCompressible("HTJ2K is used for single-sample images only; colour kept")
     try:
         original = _decode(ds)
         _check_faithful(ds, original)
-        ds.compress(
-            uid,
-            original,
-            encoding_plugin=TARGETS.get(uid, ""),
-            generate_instance_uid=False,
-            **_ENCODE_OPTIONS.get(uid, {}),
-        )
+        _compress(ds, uid, original)
         dataset = _dataset_bytes(ds)
         check = dcmread(io.BytesIO(_part10(dataset, uid)))
         decoded = _decode(check)
