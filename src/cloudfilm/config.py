@@ -790,6 +790,14 @@ class GatewaySettings(_Section):
     http_host: str = "127.0.0.1"
     """Address of the gateway's status API (``GET /status``, ``GET /studies``, ``POST
     /studies/{uid}/retry``, ``POST /trigger``). Loopback by default; any other address needs
+    compress_before_upload: Codec = Codec.NONE
+    """Lossless codec the gateway re-encodes uncompressed images in before sending them to
+    the archive, to save bandwidth on the line to it: ``none`` (default: as the PACS sent
+    them), ``jpeg-ls-lossless``, ``jpeg2000-lossless`` or ``htj2k-lossless``. Each image is
+    verified bit-exact after decoding (the archive's own codec path); an image that cannot be
+    verified or does not get smaller is sent as received. The archive then records the
+    compressed form as the received one."""
+
     ``api_token``."""
 
     http_port: int = Field(default=11180, ge=0, lt=65536)

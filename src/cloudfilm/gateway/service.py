@@ -28,6 +28,7 @@ from cloudfilm.errors import NotFound
 from cloudfilm.gateway import wado, wado_uri
 from cloudfilm.gateway.api import APIServer, TriggerError, TriggerRequest
 from cloudfilm.gateway.bandwidth import throttle_for
+from cloudfilm.gateway.compress import compress_for_upload
 from cloudfilm.gateway.delivery import ArchiveClient, CStoreClient, DeliveryError, StowOutcome
 from cloudfilm.gateway.drops import Drop, DropError, Incomplete, NotDicom, open_drop, parse
 from cloudfilm.gateway.messages import close_message_log, message, open_message_log
@@ -419,7 +420,7 @@ class Gateway:
 
     def _send(self, job: Job, batch: list[Outgoing]) -> None:
         by_uid = {item.sop_instance_uid: item for item in batch}
-        parts = [(item.sop_instance_uid, self.queue.spool.read(item.spool_key)) for item in batch]
+        parts = [(item.sop_instance_uid, self._outgoing_bytes(item)) for item in batch]
         outcome = self.archive.send(job.study_instance_uid, parts)
         self._record(outcome, by_uid)
         if outcome.anonymous_failures:
@@ -429,10 +430,16 @@ class Gateway:
                 if item.sop_instance_uid in named:
                     continue
                 single = self.archive.send(
-                    job.study_instance_uid,
-                    [(item.sop_instance_uid, self.queue.spool.read(item.spool_key))],
+                    job.study_instance_uid, [(item.sop_instance_uid, self._outgoing_bytes(item))]
                 )
                 self._record(single, by_uid)
+
+    def _outgoing_bytes(self, item: Outgoing) -> bytes:
+        """The spooled object, losslessly compressed first when ``compress_before_upload``."""
+        data = self.queue.spool.read(item.spool_key)
+        return compress_for_upload(
+            data, self.gw.compress_before_upload, sop_instance_uid=item.sop_instance_uid
+        )
 
     def _record(self, outcome: StowOutcome, by_uid: dict[str, Outgoing]) -> None:
         self.queue.delivery_results(
