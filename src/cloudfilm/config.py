@@ -783,13 +783,6 @@ class GatewaySettings(_Section):
     """Also hold the send-back downloads from the archive (``gateway send-back``) to
     ``bandwidth_bytes_per_second``, in the same bucket as the uploads."""
 
-    destinations: dict[str, GatewayDestination] = Field(default_factory=dict)
-    """Hospital nodes studies are sent back to from the archive (``gateway send-back``):
-    name → ``aet``, ``host``, ``port``. TOML: ``[gateway.destinations.ws1]``."""
-
-    http_host: str = "127.0.0.1"
-    """Address of the gateway's status API (``GET /status``, ``GET /studies``, ``POST
-    /studies/{uid}/retry``, ``POST /trigger``). Loopback by default; any other address needs
     compress_before_upload: Codec = Codec.NONE
     """Lossless codec the gateway re-encodes uncompressed images in before sending them to
     the archive, to save bandwidth on the line to it: ``none`` (default: as the PACS sent
@@ -798,6 +791,13 @@ class GatewaySettings(_Section):
     verified or does not get smaller is sent as received. The archive then records the
     compressed form as the received one."""
 
+    destinations: dict[str, GatewayDestination] = Field(default_factory=dict)
+    """Hospital nodes studies are sent back to from the archive (``gateway send-back``):
+    name → ``aet``, ``host``, ``port``. TOML: ``[gateway.destinations.ws1]``."""
+
+    http_host: str = "127.0.0.1"
+    """Address of the gateway's status API (``GET /status``, ``GET /studies``, ``POST
+    /studies/{uid}/retry``, ``POST /trigger``). Loopback by default; any other address needs
     ``api_token``."""
 
     http_port: int = Field(default=11180, ge=0, lt=65536)
