@@ -295,6 +295,13 @@ class CompressionSettings(_Section):
     """How long after ingest an object's compression is due: a burst of images (a CT
     arriving) is taken in at full speed, and compressed once it has passed."""
 
+    at_migration: bool = False
+    """Before a tier migration copies a study off the online tier, its uncompressed images
+    that have no compression job yet get one, run then and there (same codec choice, same
+    bit-for-bit verification as at ingest, ``codec`` and ``by_modality`` even when
+    ``at_ingest = false``), so the lower tier holds the compressed form: for an archive that
+    keeps images online byte for byte as received and compresses what it moves down."""
+
     @field_validator("by_modality")
     @classmethod
     def _upper_modalities(cls, value: dict[str, Codec]) -> dict[str, Codec]:

@@ -4,14 +4,18 @@ a study in the tier policies; C-MOVE / C-GET of a study on an offline tier."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import JPEGLSLossless
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelGet,
@@ -28,6 +32,7 @@ from cloudfilm.audit.models import AuditEvent
 from cloudfilm.audit.service import Actor
 from cloudfilm.config import DimseSettings, Settings, TierPolicy
 from cloudfilm.dimse.server import DIMSEServer
+from cloudfilm.storage.tiers import TieredStorage
 
 from conftest import DATA, LiveServer, _truncate_postgres, free_port
 
@@ -331,3 +336,61 @@ def test_c_move__offline_study_waits_for_the_recall_then_sends(
     with archive.db.read_session() as session:
         [job] = session.scalars(select(StorageJob).where(StorageJob.kind == "recall")).all()
         assert job.state == "done"
+
+
+# -- compression at migration
+
+
+def test_compression_at_migration__lower_tier_gets_the_verified_compressed_form(
+    archive: Archive,
+) -> None:
+    archive.settings.compression.at_migration = True  # at_ingest stays false
+    archive.settings.compression.deferred_grace_seconds = 0
+    compressor = archive.tiering.compressor
+    compressor._executor = ThreadPoolExecutor(1)  # no worker process in a test
+    sent = pydicom.dcmread(DATA / "ct_small.dcm")
+    study = _ingest(archive)
+    other = _ingest(archive, "mr_small.dcm")  # not migrated: stays as received
+
+    def rows(uid: str) -> list[tuple[str, str, str, int, int, str]]:
+        with archive.db.read_session() as session:
+            return [
+                (r[0], r[1], r[2], r[3], r[4], r[5])
+                for r in session.execute(
+                    select(
+                        Instance.storage_key,
+                        Instance.storage_name,
+                        Instance.transfer_syntax_uid,
+                        Instance.byte_size,
+                        Instance.original_bytes,
+                        Instance.original_transfer_syntax_uid,
+                    )
+                    .join(Series, Instance.series_pk == Series.id)
+                    .join(Study, Series.study_pk == Study.id)
+                    .where(Study.study_instance_uid == uid)
+                ).all()
+            ]
+
+    [(received_key, _, syntax, size, _, _)] = rows(study)
+    assert syntax == sent.file_meta.TransferSyntaxUID  # stored as received
+    [mr_before] = rows(other)
+    archive.tiering.migrate(study, "online", "nearline", "pytest")
+    assert archive.tiering.run_due() == 1
+    [(key, name, syntax, stored, original, original_syntax)] = rows(study)
+    assert (name, syntax) == ("nearline", JPEGLSLossless)
+    assert key != received_key and stored < size // 2
+    assert (original, original_syntax) == (size, sent.file_meta.TransferSyntaxUID)
+    storage = archive.storage
+    assert isinstance(storage, TieredStorage)
+    moved = pydicom.dcmread(BytesIO(storage.backend("nearline").read(key)))
+    assert np.array_equal(moved.pixel_array, sent.pixel_array)
+    assert rows(other) == [mr_before]
+    with archive.db.read_session() as session:
+        compressed = session.scalars(
+            select(AuditEvent).where(AuditEvent.event_type == "instances-compressed")
+        ).all()
+        assert len(compressed) == 1
+    # The received object goes once its grace is over (the tier runner's pass).
+    assert compressor.run_once().cleaned == 1
+    assert [o.key for o in storage.backend("online").iter_objects()] == [mr_before[0]]
+    archive.tiering.close()

@@ -153,6 +153,26 @@ class Compressor:
             self._audit(result)
         return result
 
+    def run_jobs(self, job_ids: list[int]) -> PassResult:
+        """Run the queued jobs ``job_ids`` now, due or not (compression before a tier
+        migration, :mod:`cloudfilm.archive.tiering`); the same steps as :meth:`run_once`."""
+        result = PassResult()
+        for job_id in job_ids:
+            with self.archive.db.read_session() as session:
+                row = session.execute(
+                    select(_JOB.c.instance_pk).where(_JOB.c.id == job_id, _JOB.c.state == QUEUED)
+                ).one_or_none()
+            if row is None or not self._lease(job_id):
+                continue
+            try:
+                self._compress(job_id, row[0], result)
+            except (StorageUnavailable, NotFound, OSError) as exc:
+                result.failed += 1
+                self._retry(job_id, str(exc))
+        if result.compressed:
+            self._audit(result)
+        return result
+
     # -- steps ---------------------------------------------------------------------------
 
     def _compress(self, job_id: int, instance_pk: int, result: PassResult) -> None:

@@ -34,11 +34,24 @@ from datetime import UTC, datetime, time, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 from sqlalchemy import and_, case, exists, false, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from cloudfilm.archive.access import AccessLog
-from cloudfilm.archive.models import Instance, Patient, Series, StorageJob, Study
+from cloudfilm.archive.models import (
+    CompressionJob,
+    Instance,
+    Patient,
+    Series,
+    StorageJob,
+    Study,
+)
 from cloudfilm.audit import service as audit
 from cloudfilm.audit.enums import ActorType, AuditAction, AuditEventType, AuditOutcome
 from cloudfilm.audit.service import Actor
@@ -48,10 +61,17 @@ from cloudfilm.storage.tiers import ONLINE, TieredStorage, storage_name_of, tier
 
 if TYPE_CHECKING:
     from cloudfilm.archive.ingest import Archive
+    from cloudfilm.archive.recompress import Compressor
 
 logger = logging.getLogger(__name__)
 
 ANY = "*"
+_UNCOMPRESSED = (
+    ImplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+)
 _MAX_BACKOFF = timedelta(minutes=10)
 
 
@@ -222,8 +242,27 @@ class Tiering:
         """Set when a recall is requested, so the runner thread starts at once."""
         self.access = AccessLog(self.db)
         """Last retrieval of studies (``not_accessed_days`` of the tier policies)."""
+        self._compressor: Compressor | None = None
         if self.storage is not None:
             self.storage.attach(self.locate, self.recall_for_key)
+
+    @property
+    def compressor(self) -> Compressor:
+        """The background compression's runner, for ``compression.at_migration``."""
+        if self._compressor is None:
+            from cloudfilm.archive.recompress import Compressor
+
+            compressor = Compressor(self.archive)
+            # The codec choice applies here even when images are kept as received at
+            # ingest (``at_ingest = false``: ``codec_for`` would say ``none``).
+            compressor.settings = compressor.settings.model_copy(update={"at_ingest": True})
+            self._compressor = compressor
+        return self._compressor
+
+    def close(self) -> None:
+        if self._compressor is not None:
+            self._compressor.close()
+            self._compressor = None
 
     # ------------------------------------------------------------------ index lookups
 
@@ -718,6 +757,12 @@ class Tiering:
                         self._renew(job_id, state=JobState.CANCELLED.value, lease_owner=None,
                                     last_error="cancelled: the study is pinned online")  # fmt: skip
                         return True
+                    if (
+                        kind is JobKind.MIGRATE
+                        and source == ONLINE
+                        and self.archive.settings.compression.at_migration
+                    ):
+                        self._compress_first(job_id, study_pk)
                     self._renew(job_id, state=JobState.COPYING.value)
                 elif state is JobState.COPYING:
                     self._copy(job_id, study_pk, source, target)
@@ -761,6 +806,55 @@ class Tiering:
                     session, job, AuditEventType.STORAGE_JOB_FAILED,
                     Actor.system("storage-tiers"), outcome=AuditOutcome.SERIOUS_FAILURE,
                 )  # fmt: skip
+
+    def _compress_first(self, job_id: int, study_pk: int) -> None:
+        """``compression.at_migration``: the study's uncompressed online images without a
+        compression job get one, and the study's queued compression jobs run now (verified
+        lossless, :mod:`cloudfilm.archive.recompress`), before the objects are copied. A
+        job that fails (storage) waits for its back-off; the migration goes on with the
+        object as it is."""
+        from cloudfilm.archive.recompress import QUEUED
+
+        now = _now()
+        of_study = (
+            select(Instance.id)
+            .join(Series, Instance.series_pk == Series.id)
+            .where(Series.study_pk == study_pk, Instance.storage_name == storage_name_of(ONLINE))
+        )
+        with self.db.session() as session:
+            candidates = session.scalars(
+                of_study.where(
+                    Instance.transfer_syntax_uid.in_(_UNCOMPRESSED),
+                    Instance.rows.is_not(None),
+                    ~exists().where(CompressionJob.instance_pk == Instance.id),
+                )
+            ).all()
+            for instance_pk in candidates:
+                session.add(
+                    CompressionJob(
+                        instance_pk=instance_pk,
+                        state=QUEUED,
+                        attempts=0,
+                        not_before=now,
+                        created_at=now,
+                    )
+                )
+            session.flush()
+            jobs = list(
+                session.scalars(
+                    select(CompressionJob.id)
+                    .where(
+                        CompressionJob.state == QUEUED,
+                        CompressionJob.instance_pk.in_(of_study.scalar_subquery()),
+                    )
+                    .order_by(CompressionJob.id)
+                ).all()
+            )
+        if jobs:
+            logger.info("storage job %d: compressing %d object(s) first", job_id, len(jobs))
+        for start in range(0, len(jobs), 8):
+            self.compressor.run_jobs(jobs[start : start + 8])
+            self._renew(job_id)
 
     def _sources(self, source: str, target: str) -> list[str]:
         storage = self._require_tiers()
@@ -865,6 +959,7 @@ class TierRunner:
         self._stop.set()
         self.tiering.wake.set()
         self._thread.join(timeout=30)
+        self.tiering.close()
 
     def _loop(self) -> None:
         interval = self.tiering.settings.job_interval_seconds
@@ -873,6 +968,13 @@ class TierRunner:
             try:
                 self.tiering.plan(apply=True, respect_windows=True)
                 self.tiering.run_due()
+                compression = self.tiering.archive.settings.compression
+                if compression.at_migration and not (
+                    compression.deferred and compression.at_ingest
+                ):
+                    # No background compressor in this process: delete the received objects
+                    # that compression before migration replaced, once their grace is over.
+                    self.tiering.compressor.run_once()
             except Exception:
                 logger.exception("storage tier runner pass failed")
             self.tiering.wake.wait(interval)
