@@ -109,7 +109,7 @@ if htj2k_available():
     TARGETS[HTJ2KLossless] = "imagecodecs"
 
 
-def _compress(ds: Dataset, uid: UID, arr: np.ndarray[Any, Any] | None = None) -> None:
+def encode_dataset(ds: Dataset, uid: UID, arr: np.ndarray[Any, Any] | None = None) -> None:
     """Encode the pixel data of ``ds`` (uncompressed) in the lossless ``uid``, in place.
     ``arr``: its decoded pixels, when the caller has them already."""
     if uid == HTJ2KLossless:
@@ -157,7 +157,7 @@ def transcode(blob: bytes, target: str) -> bytes:
         if uid.is_compressed:
             if "PixelData" not in ds:
                 raise CodecUnavailable(f"{target} needs pixel data; this object has none")
-            _compress(ds, uid)
+            encode_dataset(ds, uid)
         else:
             ds.file_meta.TransferSyntaxUID = uid
         out = io.BytesIO()
@@ -215,7 +215,7 @@ def compress_verified(blob: bytes, target: str, *, min_pixel_bytes: int = 0) -> 
     try:
         original = _decode(ds)
         _check_faithful(ds, original)
-        _compress(ds, uid, original)
+        encode_dataset(ds, uid, original)
         dataset = _dataset_bytes(ds)
         check = dcmread(io.BytesIO(_part10(dataset, uid)))
         decoded = _decode(check)
