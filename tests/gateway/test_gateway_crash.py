@@ -29,7 +29,7 @@ from conftest import CT_134, DATA, LiveServer, free_port
 if TYPE_CHECKING:
     from pacs_fixtures import OrthancPACS
 
-pytest_plugins = ["pacs_fixtures"]
+pytest_plugins = ["pacs_fixtures", "gw_postgres"]
 
 ITERATIONS = int(os.environ.get("CLOUDFILM_TEST_GATEWAY_KILLS", "10"))
 CLOUDFILM = Path(sys.executable).parent / "cloudfilm"
@@ -65,6 +65,8 @@ def environment(settings: Settings, work: Path) -> dict[str, str]:
             "CLOUDFILM_GATEWAY__HTTP_PORT": str(free_port()),
         }
     )
+    if gw.database_url:
+        env["CLOUDFILM_GATEWAY__DATABASE_URL"] = gw.database_url
     return env
 
 
@@ -81,6 +83,35 @@ def test_gateway_killed_repeatedly__every_instance_arrives_exactly_once(
     files = sorted(CT_134.glob("*.dcm")) if CT_134.is_dir() else []
     if not files:  # without the shared CT: the small samples (fewer bytes per kill window)
         files = [DATA / "ct_small.dcm", DATA / "mr_small.dcm"]
+    killed_repeatedly(orthanc, gw_settings, live_server, tmp_path, files, ITERATIONS)
+
+
+def test_gateway_killed_repeatedly__state_on_postgresql(
+    orthanc: OrthancPACS,
+    gw_settings: Settings,
+    live_server: LiveServer,
+    tmp_path: Path,
+    gateway_postgres_url: str,
+) -> None:
+    """The same on the gateway's state in PostgreSQL (``gateway.database_url``): three kills
+    while it moves the small samples (the 134-slice run above covers the long work)."""
+    state_on_pg = gw_settings.model_copy(
+        update={
+            "gateway": gw_settings.gateway.model_copy(update={"database_url": gateway_postgres_url})
+        }
+    )
+    files = [DATA / "ct_small.dcm", DATA / "mr_small.dcm"]
+    killed_repeatedly(orthanc, state_on_pg, live_server, tmp_path, files, 3)
+
+
+def killed_repeatedly(
+    orthanc: OrthancPACS,
+    gw_settings: Settings,
+    live_server: LiveServer,
+    tmp_path: Path,
+    files: list[Path],
+    iterations: int,
+) -> None:
     originals = {}
     for path in files:
         data = path.read_bytes()
@@ -93,7 +124,7 @@ def test_gateway_killed_repeatedly__every_instance_arrives_exactly_once(
     rng = random.Random(int(os.environ.get("CLOUDFILM_TEST_SEED", time.time_ns())))
     seen: list[dict[str, int]] = []
     began = time.monotonic()
-    for _ in range(ITERATIONS):
+    for _ in range(iterations):
         proc = start(env, work, log)
         time.sleep(rng.uniform(1.0, 4.0))  # start-up takes ~1 s; then anywhere in the work
         proc.send_signal(signal.SIGKILL)
@@ -149,6 +180,6 @@ def test_gateway_killed_repeatedly__every_instance_arrives_exactly_once(
     finally:
         queue.close()
     print(  # noqa: T201
-        f"{ITERATIONS} kills, {len(originals)} instances, {seconds:.1f} s; "
+        f"{iterations} kills, {len(originals)} instances, {seconds:.1f} s; "
         f"instance states at each kill: {seen}"
     )

@@ -21,12 +21,16 @@ def clock() -> MovableClock:
     return MovableClock()
 
 
-@pytest.fixture
-def queue(tmp_path: Path, clock: MovableClock) -> GatewayQueue:
-    settings = Settings(
-        data_dir=tmp_path / "var",
-        gateway={"data_dir": tmp_path / "gw", "dead_letter_attempts": 4},
-    )
+pytest_plugins = ["gw_postgres"]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def queue(tmp_path: Path, clock: MovableClock, request: pytest.FixtureRequest) -> GatewayQueue:
+    """The queue with its state on SQLite (the default) and on PostgreSQL."""
+    gateway: dict[str, object] = {"data_dir": tmp_path / "gw", "dead_letter_attempts": 4}
+    if request.param == "postgresql":
+        gateway["database_url"] = request.getfixturevalue("gateway_postgres_url")
+    settings = Settings(data_dir=tmp_path / "var", gateway=gateway)
     q = GatewayQueue(settings, clock=clock)
     yield q  # type: ignore[misc]
     q.close()
