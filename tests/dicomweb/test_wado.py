@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import time
 import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
@@ -197,12 +198,25 @@ def test_frames__same_without_frame_index(live_server: LiveServer) -> None:
             )
         )
 
+    def fetch_decoded() -> list[bytes]:
+        return list(
+            client.retrieve_instance_frames(
+                mr.StudyInstanceUID,
+                mr.SeriesInstanceUID,
+                mr.SOPInstanceUID,
+                frame_numbers=[3, 10],
+                media_types=("application/octet-stream",),
+            )
+        )
+
     with archive.db.read_session() as session:
         assert session.scalar(select(Instance.frame_index)) is not None
-    indexed = fetch()
+    indexed, decoded = fetch(), fetch_decoded()  # decoded one frame at a time
     with archive.db.session() as session:
         session.execute(update(Instance).values(frame_index=None))
     assert fetch() == indexed
+    assert fetch_decoded() == decoded  # decoded from the whole object
+    assert decoded == [mr.pixel_array[i].astype("<u2").tobytes() for i in (2, 9)]
     from pydicom.encaps import generate_frames
 
     originals = list(generate_frames(mr.PixelData, number_of_frames=10))
@@ -333,3 +347,19 @@ def test_capabilities__wadl_lists_the_services(live_server: LiveServer) -> None:
             m.get("name") for m in root.iterfind(".//w:resource[@path='/studies']/w:method", ns)
         }
         assert methods == {"GET", "POST"}
+
+
+def test_retrieval_notes_the_access_of_the_study(ct: tuple[LiveServer, str, str, str]) -> None:
+    """For the tier policies' "not accessed for N days" (archive/access.py)."""
+    from cloudfilm.archive.models import Study
+
+    server, study, series, sop = ct
+    url = f"{server.url}/dicom-web/studies/{study}/series/{series}/instances/{sop}/frames/1"
+    assert httpx.get(url, headers=server.headers).status_code == 200
+    deadline = time.monotonic() + 10
+    accessed = None
+    while accessed is None and time.monotonic() < deadline:
+        with server.archive.db.read_session() as session:
+            accessed = session.scalar(select(Study.last_accessed_at))
+        time.sleep(0.1)
+    assert accessed is not None

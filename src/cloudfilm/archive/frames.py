@@ -9,8 +9,9 @@ storage (an HTTP range request).
 The index is JSON in ``instance.frame_index``, byte ranges relative to the stored object:
 
 * native pixel data (PS3.5 8.2): ``{"native": [offset, frame_bytes]}``;
-* encapsulated (PS3.5 A.4): ``{"frames": [[start, end, start, end, ...], ...]}``, the
-  fragment values (item headers excluded) of each frame, in order.
+* encapsulated (PS3.5 A.4): ``{"frames": [[start, end, start, end, ...], ...], "pixel":
+  {...}}``, the fragment values (item headers excluded) of each frame, in order, and the
+  image pixel description a decoder needs to decode one frame on its own.
 
 ``None`` where the frames cannot be told apart without decoding (several fragments per
 frame and no Basic Offset Table, packed 1-bit pixels, big endian): such objects take the
@@ -69,9 +70,28 @@ def _locate(blob: bytes, ds: Dataset, shift: int) -> str | None:
             if ts.is_encapsulated
             else _native(ds, offset, count, ts, len(blob))
         )
+        if index is not None and ts.is_encapsulated:
+            index["pixel"] = _pixel_description(ds)
     except Exception:  # noqa: BLE001 - any surprise: no index, the parsing path still works
         return None
     return orjson.dumps(index).decode() if index is not None else None
+
+
+def _pixel_description(ds: Dataset) -> dict[str, Any]:
+    """What a decoder needs to decode one frame on its own (pydicom's decoding options)."""
+    samples = int(ds.get("SamplesPerPixel", 1))
+    description: dict[str, Any] = {
+        "rows": int(ds.Rows),
+        "columns": int(ds.Columns),
+        "samples_per_pixel": samples,
+        "bits_allocated": int(ds.BitsAllocated),
+        "bits_stored": int(ds.get("BitsStored", ds.BitsAllocated)),
+        "pixel_representation": int(ds.get("PixelRepresentation", 0)),
+        "photometric_interpretation": str(ds.PhotometricInterpretation),
+    }
+    if samples > 1:
+        description["planar_configuration"] = int(ds.get("PlanarConfiguration", 0))
+    return description
 
 
 def _at_pixel_data(blob: bytes, offset: int) -> bool:

@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from cloudfilm.archive import export
+from cloudfilm.archive.access import note_access
 from cloudfilm.archive.ingest import Archive
 from cloudfilm.archive.matching import Level, QueryError
 from cloudfilm.archive.models import Instance, InstanceMetadata, Series, Study
@@ -318,6 +319,7 @@ def _retrieve(
     rows = instances_of(request, study, series, instance)
     # An offline object cannot be streamed: answer 503 (recalling) before the stream starts.
     archive_of(request).tiering.ensure_rows_readable([row for row, _, _ in rows])
+    note_access(archive_of(request), [study])  # tier policies' "not accessed for N days"
     storage = archive_of(request).storage
     boundary = secrets.token_hex(16)
 
@@ -531,6 +533,7 @@ def retrieve_frames(
     )
     accept = request.headers.get("accept", "*/*")
     storage = archive_of(request).storage
+    note_access(archive_of(request), [study])
     try:
         found = None
         if index is not None:  # read just the frames' bytes (archive/frames.py)
@@ -664,6 +667,7 @@ def study_thumbnail(study: str, request: Request, _caller: Reader) -> Response:
 def study_archive(study: str, request: Request, _caller: Downloader) -> StreamingResponse:
     rows = instances_of(request, study, None, None)
     archive_of(request).tiering.ensure_rows_readable([row for row, _, _ in rows])
+    note_access(archive_of(request), [study])
     objects = [(row.sop_instance_uid, row.storage_key) for row, _, _ in rows]
     return StreamingResponse(
         export.study_zip(archive_of(request).storage, objects),

@@ -12,10 +12,12 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.encaps import generate_frames
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.utils import pixel_array
 from pydicom.tag import Tag
 from pydicom.uid import UID
@@ -123,10 +125,12 @@ def indexed_frames(
     which needs the whole object (:func:`frames`)."""
     numbers = parse_frame_list(numbers_text, count)
     how = delivery(UID(ts), accept)
-    if how is None:
-        return None
-    kind, syntax = how
     index = frame_index.parse(index_text)
+    if how is None:
+        if "pixel" not in index:
+            return None
+        return [_decode_frame(read, index, n, UID(ts)) for n in numbers]
+    kind, syntax = how
     return [
         Frame(b"".join(read(s, e) for s, e in frame_index.ranges(index, n)), kind, syntax)
         for n in numbers
@@ -157,6 +161,28 @@ def frames(blob: bytes, numbers_text: str, accept: str) -> list[Frame]:
         return [Frame(pixels[(n - 1) * size : n * size], kind, syntax) for n in numbers]
     all_frames = list(generate_frames(ds.PixelData, number_of_frames=count))
     return [Frame(all_frames[n - 1], kind, syntax) for n in numbers]
+
+
+#: Decoder plug-in per stored syntax where pydicom's first choice is slower (JPEG-LS:
+#: GDCM 7.4 ms, pyjpegls 4.3 ms for a 512 × 512 CT frame).
+_DECODER = {"1.2.840.10008.1.2.4.80": "pyjpegls", "1.2.840.10008.1.2.4.81": "pyjpegls"}
+
+
+def _decode_frame(
+    read: Callable[[int, int], bytes], index: dict[str, Any], number: int, ts: UID
+) -> Frame:
+    """Frame ``number`` read through the index and decoded on its own (the frame's
+    fragments and the pixel description kept with the index), as :func:`_decoded`."""
+    data = b"".join(read(s, e) for s, e in frame_index.ranges(index, number))
+    try:
+        options: dict[str, Any] = {"number_of_frames": 1, **index["pixel"]}
+        pixels, _ = get_decoder(ts).as_array(
+            encapsulate([data]), decoding_plugin=_DECODER.get(str(ts), ""), **options
+        )
+    except Exception as exc:  # noqa: BLE001 - any decoder failure: the data is damaged
+        raise FrameError(422, f"frame {number} cannot be decoded: {exc}") from exc
+    data = pixels.astype(pixels.dtype.newbyteorder("<"), copy=False).tobytes()
+    return Frame(data, "application/octet-stream", "1.2.840.10008.1.2.1")
 
 
 def _decoded(blob: bytes, number: int, count: int) -> Frame:
