@@ -137,18 +137,8 @@ class Compressor:
                 .limit(limit)
             ).all()
         for job_id, instance_pk, state, old_key in due:
-            if not self._lease(job_id):
-                continue
-            try:
-                if state == CLEANUP:
-                    self.archive.storage.delete(old_key)
-                    self._finish(job_id)
-                    result.cleaned += 1
-                else:
-                    self._compress(job_id, instance_pk, result)
-            except (StorageUnavailable, NotFound, OSError) as exc:
-                result.failed += 1
-                self._retry(job_id, str(exc))
+            if self._lease(job_id):
+                self._run(job_id, instance_pk, state, old_key, result)
         if result.compressed:
             self._audit(result)
         return result
@@ -162,18 +152,33 @@ class Compressor:
                 row = session.execute(
                     select(_JOB.c.instance_pk).where(_JOB.c.id == job_id, _JOB.c.state == QUEUED)
                 ).one_or_none()
-            if row is None or not self._lease(job_id):
-                continue
-            try:
-                self._compress(job_id, row[0], result)
-            except (StorageUnavailable, NotFound, OSError) as exc:
-                result.failed += 1
-                self._retry(job_id, str(exc))
+            if row is not None and self._lease(job_id):
+                self._run(job_id, row[0], QUEUED, None, result)
         if result.compressed:
             self._audit(result)
         return result
 
     # -- steps ---------------------------------------------------------------------------
+
+    def _run(
+        self,
+        job_id: int,
+        instance_pk: int,
+        state: str,
+        old_key: str | None,
+        result: PassResult,
+    ) -> None:
+        """One leased job's next step; a storage failure schedules a retry."""
+        try:
+            if state == CLEANUP and old_key is not None:
+                self.archive.storage.delete(old_key)
+                self._finish(job_id)
+                result.cleaned += 1
+            else:
+                self._compress(job_id, instance_pk, result)
+        except (StorageUnavailable, NotFound, OSError) as exc:
+            result.failed += 1
+            self._retry(job_id, str(exc))
 
     def _compress(self, job_id: int, instance_pk: int, result: PassResult) -> None:
         with self.archive.db.read_session() as session:
