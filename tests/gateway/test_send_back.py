@@ -24,7 +24,7 @@ from conftest import DATA, LiveServer, free_port
 if TYPE_CHECKING:
     from pacs_fixtures import OrthancPACS
 
-pytest_plugins = ["pacs_fixtures"]
+pytest_plugins = ["pacs_fixtures", "gw_postgres"]
 
 FILES = ["ct_small.dcm", "mr_small.dcm"]
 ACTOR = Actor.cli("pytest")
@@ -187,22 +187,31 @@ def test_send_back__refused_association__retried_then_dead_letter(
     assert "WADO-RS-RSP" in log
 
 
+@pytest.mark.parametrize("state_db", ["sqlite", "postgresql"])
 def test_send_back__interrupted_fetch__recovered_and_orphans_dropped(
-    tmp_path: Path, live_server: LiveServer, orthanc: OrthancPACS, gateway_port: int
+    tmp_path: Path,
+    live_server: LiveServer,
+    orthanc: OrthancPACS,
+    gateway_port: int,
+    state_db: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     from pacs_fixtures import client_secret
 
+    state: dict[str, Any] = {}
+    if state_db == "postgresql":
+        state["database_url"] = request.getfixturevalue("gateway_postgres_url")
     data = (DATA / "mr_small.dcm").read_bytes()
     assert live_server.archive.ingest(data, actor=ACTOR).ok
     study_uid = str(pydicom.dcmread(DATA / "mr_small.dcm").StudyInstanceUID)
     secret = client_secret(live_server.archive, live_server.clock)
-    gw = back_gateway(tmp_path, live_server, orthanc, gateway_port, secret=secret)
+    gw = back_gateway(tmp_path, live_server, orthanc, gateway_port, secret=secret, **state)
     job = gw.send_back.jobs.request(study_uid, "pacs")
     task = gw.send_back.jobs.next_task()  # claimed: "fetching" is committed ...
     assert task is not None
     gw.send_back.jobs.spool.put(new_key(), b"half written")  # ... then the process died
     gw.close()
-    gw = back_gateway(tmp_path, live_server, orthanc, gateway_port, secret=secret)
+    gw = back_gateway(tmp_path, live_server, orthanc, gateway_port, secret=secret, **state)
     try:
         assert gw.send_back.jobs.job(job["id"])["state"] == SendBackState.QUEUED  # type: ignore[index]
         assert list(gw.send_back.jobs.spool.iter_objects()) == []
