@@ -146,8 +146,11 @@ class Archive:
 
         algorithm = self.settings.storage.checksum.value
         digest = service.checksum(parsed.blob, algorithm)
-        known = self._known_checksum(parsed.sop_instance_uid)
-        if known == digest:
+        later = self._compress_later(parsed)
+        inline = not later and self.settings.compression.at_ingest
+        # A resent object is recognised by the index transaction anyway; look it up first
+        # only when compressing it now would be wasted work.
+        if inline and self._known_checksum(parsed.sop_instance_uid) == digest:
             self._record_duplicate(parsed, actor)
             return self._result(
                 IngestStatus.DUPLICATE, parsed, _OUTCOMES[service.StoreOutcome.DUPLICATE][1]
@@ -156,8 +159,7 @@ class Archive:
         # Lossless compression (settings.compression): ``parsed`` becomes the form we store,
         # now or (deferred) by a background job queued with the index rows.
         received, received_digest = parsed, digest
-        later = self._compress_later(parsed)
-        if not later:
+        if inline:
             parsed = compress_for_storage(received, self.settings.compression)
         if parsed is not received:
             digest = service.checksum(parsed.blob, algorithm)
