@@ -100,6 +100,8 @@ def test_send_back__archive_to_orthanc__pixels_identical(
         job = run_until_done(gw, answer.json()["id"])
         assert job["state"] == SendBackState.SENT, job
         assert job["sent"] == job["fetched"] >= 1
+        status = httpx.get(f"http://127.0.0.1:{gw.gw.http_port}/status", timeout=10).json()
+        assert status["send_back_by_state"] == {SendBackState.SENT: 1}
         listed = httpx.get(f"http://127.0.0.1:{gw.gw.http_port}/send-back", timeout=10).json()
         assert listed[0]["state"] == SendBackState.SENT
         unknown = httpx.post(

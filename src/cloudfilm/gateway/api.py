@@ -107,6 +107,8 @@ def create_api(
         redoc_url=None,
     )
 
+    send_back = SendBackQueue(queue)
+
     @app.get(
         "/status",
         summary="Per source: backlog by state, throughput in the last hour, last poll/error",
@@ -142,6 +144,7 @@ def create_api(
                 "studies_by_state": summary["studies"],
                 "instances_by_state": summary["instances"],
                 "sources": sources,
+                "send_back_by_state": send_back.summary(),
             }
         )
 
@@ -192,8 +195,6 @@ def create_api(
         except TriggerError as exc:
             raise HTTPException(exc.status, str(exc)) from exc
         return JSONResponse(result, status_code=202)
-
-    send_back = SendBackQueue(queue)
 
     @app.post(
         "/send-back",

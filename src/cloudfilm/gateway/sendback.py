@@ -26,7 +26,7 @@ from datetime import datetime
 from typing import Any
 
 from pydicom.dataset import Dataset
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from cloudfilm.errors import NotFound
@@ -277,6 +277,16 @@ class SendBackQueue:
                 job.state, job.attempts = _STEPS[job.step][0], 0
                 job.next_attempt_at, job.updated_at = None, now
             return len(jobs)
+
+    def summary(self) -> dict[str, int]:
+        """Send-back jobs by state."""
+        with self.db.read_session() as session:
+            return {
+                str(state): int(count)
+                for state, count in session.execute(
+                    select(SendBackJob.state, func.count()).group_by(SendBackJob.state)
+                )
+            }
 
     def jobs(self, *, limit: int = 200) -> list[dict[str, Any]]:
         """Send-back jobs, newest first, with their instance counts."""
