@@ -140,3 +140,23 @@ def test_store__unsupported_media_type_is_415(live_server: LiveServer, content_t
 def test_store__garbage_body_is_400(live_server: LiveServer) -> None:
     response = _post(live_server, b"\x00\x01 this is no multipart body at all")
     assert response.status_code == 400
+
+
+def test_store__many_parts_in_flight_each_answered_once(live_server: LiveServer) -> None:
+    """Parts are ingested two at a time: every part gets exactly one answer, a bad part
+    and the same object sent twice in one body included."""
+    original = dcmread(DATA / "mr_small.dcm")
+    parts, uids = [], []
+    for number in range(12):
+        ds = dcmread(DATA / "mr_small.dcm")
+        ds.SOPInstanceUID = f"{original.SOPInstanceUID}.{number + 1}"
+        uids.append(ds.SOPInstanceUID)
+        parts.append(_bytes(ds))
+    body = _body(*parts[:6], b"not dicom at all" * 10, *parts[6:], parts[0])
+    response = _post(live_server, body)
+    assert response.status_code == 202
+    answer = response.json()
+    referenced = [r["00081155"]["Value"][0] for r in answer["00081199"]["Value"]]
+    assert sorted(referenced) == sorted([*uids, uids[0]])  # the resend: a success too
+    assert [f["00081197"]["Value"] for f in answer["00081198"]["Value"]] == [[0xC000]]
+    assert _stored(live_server) == sorted(uids)

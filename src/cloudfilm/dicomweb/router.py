@@ -6,6 +6,7 @@ middleware records each request."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
 import secrets
@@ -443,10 +444,25 @@ async def _store(request: Request, study: str | None) -> Response:
         }
         referenced.append(item)
 
+    # Two parts in the ingest pipeline at once: one parses while the other waits for its
+    # fsyncs. Completed parts are stored whatever happens to the rest of the body.
+    slots = asyncio.Semaphore(_PARTS_IN_FLIGHT)
+    started: list[asyncio.Task[None]] = []
+
+    async def ingest(part: stow.Part) -> None:
+        try:
+            await run_in_threadpool(handle, part)
+        finally:
+            slots.release()
+
     try:
-        async for chunk in request.stream():
-            for part in collector.write(chunk):
-                await run_in_threadpool(handle, part)
+        try:
+            async for chunk in request.stream():
+                for part in collector.write(chunk):
+                    await slots.acquire()
+                    started.append(asyncio.create_task(ingest(part)))
+        finally:
+            await asyncio.gather(*started)
     except stow.StowError as exc:
         raise DicomwebError(
             exc.status, f"{exc.message}; {len(referenced)} instance(s) before the error were stored"
@@ -472,6 +488,10 @@ async def _store(request: Request, study: str | None) -> Response:
     # so that senders retry later instead of treating the objects as bad (409).
     status = 200 if not failed else 202 if referenced else 507 if out_of_space else 409
     return Response(orjson.dumps(body), status_code=status, media_type=DICOM_JSON)
+
+
+#: Parts of one STOW-RS request ingested at the same time.
+_PARTS_IN_FLIGHT = 2
 
 
 @router.post("/studies", summary="Store instances (STOW-RS)", responses=_STOW_ERRORS)
