@@ -52,6 +52,7 @@ from cloudfilm.fhir.router import router as fhir_router
 from cloudfilm.mpi.router import router as mpi_router
 from cloudfilm.ohif import router as ohif_router
 from cloudfilm.storage.router import router as storage_router
+from cloudfilm.webservice.router import router as webservice_router
 
 _HOME = Template((Path(__file__).parent / "templates" / "home.html").read_text("utf-8"))
 
@@ -149,6 +150,7 @@ def create_app(archive: Archive, *, clock: Clock | None = None) -> FastAPI:
     app.include_router(archive_router)
     app.include_router(tiers_router)
     app.include_router(mpi_router)
+    app.include_router(webservice_router)
     _install_error_handlers(app)
     app.add_middleware(httpaudit.AuditMiddleware, archive=archive, audited=audited)
     _install_headers(app, archive)

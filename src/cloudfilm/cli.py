@@ -973,6 +973,28 @@ def client_disable(name: str, data_dir: Path | None = DataDir) -> None:
     console.print(f"client {name!r} disabled")
 
 
+@client_app.command("webservice-key")
+def client_webservice_key(name: str, data_dir: Path | None = DataDir) -> None:
+    """Print a client's key for the query WebService's envelopes (key id and the key in
+    base64). Hand it to the client's integrator out of band, like its secret."""
+    import base64
+
+    from cloudfilm.webservice import service as webservice
+
+    settings = _settings(data_dir)
+    archive = _open_archive(settings, migrate=False)
+    try:
+        with archive.db.read_session() as session:
+            key = webservice.key_of(session=session, settings=settings, name=name)
+    finally:
+        archive.close()
+    if key is None:
+        console.print(f"[red]no client named {name!r}[/red]")
+        raise typer.Exit(1)
+    typer.echo(f"key_id: {key.key_id}")
+    typer.echo(f"key:    {base64.b64encode(key.key).decode('ascii')}")
+
+
 @client_app.command("list")
 def client_list(data_dir: Path | None = DataDir) -> None:
     """List the clients (never their tokens)."""

@@ -995,6 +995,19 @@ class HL7Settings(_Section):
         return value
 
 
+class WebServiceSettings(_Section):
+    max_clock_skew_seconds: int = Field(default=300, ge=30, le=3600)
+    """How far (seconds) a query WebService request's timestamp may be from the server's
+    clock. Older or later requests are refused; each nonce is remembered in the database
+    until its timestamp leaves this window, so a replay is refused by every server process.
+    Widen only for a caller whose clock cannot be synced."""
+
+    key_version: int = Field(default=1, ge=1)
+    """Generation of the envelope keys (HKDF from ``secret_key``, the client id and this
+    number). Raise it to give every client a new key at once (each client then needs its
+    new key: ``cloudfilm client webservice-key NAME``)."""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CLOUDFILM_",
@@ -1043,6 +1056,8 @@ class Settings(BaseSettings):
     """Storage tiers (online / nearline / offline), migration policies and the job runner."""
     hl7: HL7Settings = Field(default_factory=HL7Settings)
     """The HL7 v2 MLLP listener (ADT, ORM, ORU from the HIS/RIS)."""
+    webservice: WebServiceSettings = Field(default_factory=WebServiceSettings)
+    """The query WebService (JSON and SOAP doors with encrypted parameters and results)."""
 
     @classmethod
     def settings_customise_sources(

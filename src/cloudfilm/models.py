@@ -26,6 +26,7 @@ from cloudfilm.hl7.models import HL7Message
 from cloudfilm.mpi.models import Person, PersonHistory, PersonIdentifier, PersonMerge
 from cloudfilm.orders.models import Encounter, ImagingOrder, OrderStatusChange
 from cloudfilm.storage.models import Alarm, MirrorPending, StorageSample
+from cloudfilm.webservice.models import WebServiceNonce
 
 __all__ = [
     "DeletedInstance",
@@ -58,4 +59,5 @@ __all__ = [
     "User",
     "UserRole",
     "UserSession",
+    "WebServiceNonce",
 ]
