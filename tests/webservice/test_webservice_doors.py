@@ -9,12 +9,14 @@ import xml.etree.ElementTree as ET
 from typing import Any
 
 import httpx
+import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from cloudfilm.audit.models import AuditEvent
 from cloudfilm.audit.service import Actor
+from cloudfilm.errors import NotFound
 from cloudfilm.mpi import service as mpi
 from cloudfilm.mpi.service import Demographics, identifier
 from cloudfilm.webservice import service as webservice
@@ -146,3 +148,25 @@ def test_webservice__wsdl_names_operations_and_address(live_server: LiveServer) 
     assert address is not None
     assert address.get("location") == f"{live_server.url}/api/webservice/soap"
     assert httpx.get(f"{live_server.url}/api/webservice/soap?wsdl").status_code == 401
+
+
+def test_find_exams__keeps_to_the_data_scope(live_server: LiveServer) -> None:
+    """The queries take the caller's data scope (a condition on Study), as QIDO-RS does."""
+    from cloudfilm.archive.models import Study
+
+    ct = ingest(live_server, "ct_small.dcm", "WS200", "ACC-WS-9")
+    mr = ingest(live_server, "mr_small.dcm", "WS200", "ACC-WS-10")
+    links = webservice.Links("https://x/dicom-web", "https://x/ohif/viewer")
+    query = webservice.ExamsQuery(patient=webservice.PatientIdentifier(value="WS200"))
+    with live_server.archive.db.read_session() as session:
+        everything = webservice.find_exams(session=session, query=query, scope=None, links=links)
+        only_ct = webservice.find_exams(
+            session=session, query=query, scope=Study.study_instance_uid == ct, links=links
+        )
+        assert {e["study_instance_uid"] for e in everything} == {ct, mr}
+        assert [e["study_instance_uid"] for e in only_ct] == [ct]
+        with pytest.raises(NotFound):
+            webservice.find_exam(
+                session=session, query=webservice.ExamQuery(study_instance_uid=mr),
+                scope=Study.study_instance_uid == ct, links=links,
+            )  # fmt: skip

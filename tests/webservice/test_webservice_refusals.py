@@ -123,3 +123,14 @@ def test_webservice__soap_refusals_are_faults(live_server: LiveServer) -> None:
     assert dtd.status_code == 400 and "DTD" in dtd.text
     unknown = httpx.post(url, content=soap_body("DropTables", sealed(server)), headers=headers)
     assert unknown.status_code == 400 and "unknown_operation" in unknown.text
+
+
+def test_webservice__same_request_at_once_is_answered_once(live_server: LiveServer) -> None:
+    """Replays racing the original on parallel connections: the database's unique nonce
+    lets exactly one through (as it would across server processes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    once = sealed(live_server)
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        statuses = sorted(pool.map(lambda _: post(live_server, once).status_code, range(6)))
+    assert statuses == [200, 401, 401, 401, 401, 401]
