@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
+import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, StoragePresentationContexts
 from test_end_to_end import same_pixels
 
@@ -239,3 +241,46 @@ def test_send_back__cli_unknown_destination(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["gateway", "send-back", "--study", "1.2.3"], env=env)
     assert result.exit_code == 0, result.output
     assert '"destination": "ws"' in result.output
+
+
+def test_send_back__node_without_jpeg_ls__gets_it_decoded(
+    tmp_path: Path, live_server: LiveServer, orthanc: OrthancPACS, gateway_port: int
+) -> None:
+    from pynetdicom import evt
+    from pynetdicom.sop_class import EnhancedMRImageStorage  # type: ignore[attr-defined]
+
+    data = (DATA / "emri_small_jpeg_ls_lossless.dcm").read_bytes()
+    assert live_server.archive.ingest(data, actor=ACTOR).ok
+    original = pydicom.dcmread(io.BytesIO(data))
+    received: list[pydicom.Dataset] = []
+
+    def on_store(event: evt.Event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        received.append(ds)
+        return 0x0000
+
+    ae = AE(ae_title="WORKSTATION")
+    ae.add_supported_context(
+        EnhancedMRImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    )
+    port = free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    gw = back_gateway(
+        tmp_path,
+        live_server,
+        orthanc,
+        gateway_port,
+        destinations={"ws": {"aet": "WORKSTATION", "host": "127.0.0.1", "port": port}},
+    )
+    try:
+        job = gw.send_back.jobs.request(str(original.StudyInstanceUID), "ws")
+        assert run_until_done(gw, job["id"])["state"] == SendBackState.SENT
+    finally:
+        gw.close()
+        server.shutdown()
+    [got] = received
+    assert got.file_meta.TransferSyntaxUID in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+    assert np.array_equal(got.pixel_array, original.pixel_array)

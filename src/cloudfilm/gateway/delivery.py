@@ -24,10 +24,11 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from cloudfilm.config import GatewaySettings
 from cloudfilm.gateway.bandwidth import Throttle
@@ -41,6 +42,7 @@ _REASONS = {
     0xC000: "cannot understand (the archive refused the object as invalid DICOM)",
 }
 _RETRY_LATER = {0xA700}
+_D = TypeVar("_D", bound=Dataset)
 
 
 class DeliveryError(Exception):
@@ -262,9 +264,17 @@ class CStoreClient:
         port: int | None = None,
         hint: str | None = None,
         throttle: Throttle | None = None,
+        decompress_fallback: bool = False,
     ) -> None:
         """To the archive's DIMSE port, or to the node ``aet``/``host``/``port`` (a hospital
-        destination of the way back); ``hint`` ends the message of a refused association."""
+        destination of the way back); ``hint`` ends the message of a refused association.
+
+        ``decompress_fallback``: also propose Explicit VR Little Endian for every SOP class,
+        and send a compressed object decoded to it when the node did not accept its own
+        transfer syntax (a workstation without JPEG-LS, for an object the archive keeps
+        compressed). The pixels stay the same: only lossless syntaxes are decoded.
+        """
+        self.decompress_fallback = decompress_fallback
         self.settings = settings
         self.aet = aet or settings.archive_aet
         self.host = host or (
@@ -292,6 +302,8 @@ class CStoreClient:
         ae.acse_timeout = min(30.0, self.settings.network_timeout)
         ae.dimse_timeout = self.settings.network_timeout
         pairs = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for _, ds in datasets}
+        if self.decompress_fallback:
+            pairs |= {(sop_class, ExplicitVRLittleEndian) for sop_class, _ in pairs}
         if len(pairs) > 128:
             raise DeliveryError("more than 128 SOP class/transfer syntax pairs in one batch")
         for sop_class, syntax in sorted(pairs):
@@ -309,6 +321,12 @@ class CStoreClient:
                 if str(ds.get("StudyInstanceUID", "")) != study_instance_uid:
                     outcome.refused[uid] = describe_reason(0xA900)
                     continue
+                if self.decompress_fallback:
+                    try:
+                        ds = _as_accepted(assoc, ds)
+                    except Exception as exc:  # noqa: BLE001 - any decoder failure
+                        outcome.refused[uid] = f"C-STORE not possible: cannot decode: {exc}"
+                        continue
                 if self.throttle is not None:
                     self.throttle.take(sizes[uid])
                 start = time.monotonic()
@@ -345,3 +363,34 @@ class CStoreClient:
             if assoc.is_established:
                 assoc.release()
         return outcome
+
+
+def _as_accepted(assoc: Any, ds: _D) -> _D:
+    """``ds``, decoded to Explicit VR Little Endian when the association accepted its SOP
+    class only uncompressed; unchanged otherwise (a lossy object is never decoded here)."""
+    syntax = UID(str(ds.file_meta.TransferSyntaxUID))
+    accepted = {
+        str(cx.transfer_syntax[0])
+        for cx in assoc.accepted_contexts
+        if cx.abstract_syntax == str(ds.SOPClassUID)
+    }
+    if str(syntax) in accepted or not syntax.is_compressed or "PixelData" not in ds:
+        return ds
+    if ExplicitVRLittleEndian not in accepted or not _lossless(syntax):
+        return ds  # send_c_store then says no context was accepted
+    ds.decompress()
+    return ds
+
+
+def _lossless(syntax: UID) -> bool:
+    from pydicom import uid
+
+    return syntax in (
+        uid.JPEGLSLossless,
+        uid.JPEG2000Lossless,
+        uid.JPEGLossless,
+        uid.JPEGLosslessSV1,
+        uid.RLELossless,
+        uid.HTJ2KLossless,
+        uid.HTJ2KLosslessRPCL,
+    )

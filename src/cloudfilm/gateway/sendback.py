@@ -353,6 +353,7 @@ class SendBack:
             host=node.host,
             port=node.port,
             hint=f"the node must accept C-STORE from {self.gw.ae_title}",
+            decompress_fallback=True,
         )
         pending = self.jobs.pending(task)
         size = self.gw.batch_size
