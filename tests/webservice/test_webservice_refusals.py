@@ -54,6 +54,13 @@ def test_webservice__refuses_plaintext_tampered_replayed_stale_and_strangers(
     assert "明文" in refused(post(server, PARAMS), 400, "plaintext_refused")
     with_plain = {**sealed(server), "accession_number": "NONE-1"}
     refused(post(server, with_plain), 400, "plaintext_refused")
+    form = httpx.post(f"{server.url}/api/webservice/exams", data=PARAMS, headers=server.headers)
+    refused(form, 400, "plaintext_refused")
+    in_url = httpx.post(
+        f"{server.url}/api/webservice/exams", params=PARAMS, json=sealed(server),
+        headers=server.headers,
+    )  # fmt: skip
+    refused(in_url, 400, "plaintext_refused")
 
     tampered = sealed(server)
     tampered["ciphertext"] = flip(tampered["ciphertext"])
@@ -94,7 +101,7 @@ def test_webservice__refuses_plaintext_tampered_replayed_stale_and_strangers(
             .order_by(AuditEvent.id)
         ).all()  # fmt: skip
     refusals = [e for e in events if (e.detail or {}).get("refused")]
-    assert len(refusals) == 11 and all(e.outcome != 0 for e in refusals)
+    assert len(refusals) == 13 and all(e.outcome != 0 for e in refusals)
     assert sum(e.event_type == "authentication-failed" for e in refusals) == 9
 
 

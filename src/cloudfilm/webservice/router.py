@@ -86,8 +86,10 @@ def _base(request: Request) -> str:
 
 
 def _check_envelope(body: Any) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise Refusal(400, "malformed_envelope", "请求体应为JSON对象 · the body is a JSON object")
+    if body is None or body in ("", b""):
+        raise Refusal(400, "malformed_envelope", "请求体为空 · empty body: send the envelope")
+    if not isinstance(body, dict):  # a form, a query string, plain text: not an envelope
+        raise Refusal(400, "plaintext_refused", _PLAINTEXT)
     envelope: dict[str, Any] = dict(body)
     extra = set(envelope) - set(REQUEST_FIELDS)
     if extra or "ciphertext" not in envelope:
@@ -173,6 +175,8 @@ def _answer(
             raise Refusal(
                 403, "forbidden", f"无此权限 · not permitted: {wanted.label} ({wanted.value})"
             )
+        if request.query_params:  # parameters in the URL reach proxy and server logs
+            raise Refusal(400, "plaintext_refused", _PLAINTEXT)
         checked, params, key = _open(request, caller, envelope)
         result, patient_id, study_uid = _run(request, caller, operation, params)
     except Refusal as refusal:
