@@ -51,8 +51,8 @@ from cloudfilm.errors import (
 from cloudfilm.fhir.router import router as fhir_router
 from cloudfilm.mpi.router import router as mpi_router
 from cloudfilm.ohif import router as ohif_router
+from cloudfilm.soap.router import router as webservice_router
 from cloudfilm.storage.router import router as storage_router
-from cloudfilm.webservice.router import router as webservice_router
 
 _HOME = Template((Path(__file__).parent / "templates" / "home.html").read_text("utf-8"))
 

@@ -979,7 +979,7 @@ def client_webservice_key(name: str, data_dir: Path | None = DataDir) -> None:
     base64). Hand it to the client's integrator out of band, like its secret."""
     import base64
 
-    from cloudfilm.webservice import service as webservice
+    from cloudfilm.soap import service as webservice
 
     settings = _settings(data_dir)
     archive = _open_archive(settings, migrate=False)

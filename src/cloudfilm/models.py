@@ -25,8 +25,8 @@ from cloudfilm.db import Base
 from cloudfilm.hl7.models import HL7Message
 from cloudfilm.mpi.models import Person, PersonHistory, PersonIdentifier, PersonMerge
 from cloudfilm.orders.models import Encounter, ImagingOrder, OrderStatusChange
+from cloudfilm.soap.models import WebServiceNonce
 from cloudfilm.storage.models import Alarm, MirrorPending, StorageSample
-from cloudfilm.webservice.models import WebServiceNonce
 
 __all__ = [
     "DeletedInstance",

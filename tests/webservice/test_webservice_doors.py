@@ -19,9 +19,9 @@ from cloudfilm.audit.service import Actor
 from cloudfilm.errors import NotFound
 from cloudfilm.mpi import service as mpi
 from cloudfilm.mpi.service import Demographics, identifier
-from cloudfilm.webservice import service as webservice
-from cloudfilm.webservice.client import open_response, seal_request
-from cloudfilm.webservice.wsdl import NS, SOAP_NS
+from cloudfilm.soap import service as webservice
+from cloudfilm.soap.client import open_response, seal_request
+from cloudfilm.soap.wsdl import NS, SOAP_NS
 
 from conftest import DATA, LiveServer
 

@@ -7,7 +7,7 @@ import base64
 
 import pytest
 
-from cloudfilm.webservice.client import EnvelopeOpenError, open_envelope, open_response, seal
+from cloudfilm.soap.client import EnvelopeOpenError, open_envelope, open_response, seal
 
 KEY = base64.b64decode("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")
 EXAMPLE = {

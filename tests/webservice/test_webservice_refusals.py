@@ -13,8 +13,8 @@ from sqlalchemy import select
 from test_webservice_doors import key_of, soap_body
 
 from cloudfilm.audit.models import AuditEvent
-from cloudfilm.webservice.client import seal_request
-from cloudfilm.webservice.wsdl import NS, SOAP_NS
+from cloudfilm.soap.client import seal_request
+from cloudfilm.soap.wsdl import NS, SOAP_NS
 
 from conftest import LiveServer, client_token
 

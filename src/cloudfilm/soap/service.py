@@ -25,7 +25,7 @@ from cloudfilm.errors import BadRequest, Conflict, NotFound
 from cloudfilm.mpi import service as mpi
 from cloudfilm.orders import service as orders
 from cloudfilm.orders.models import ImagingOrder
-from cloudfilm.webservice.models import WebServiceNonce
+from cloudfilm.soap.models import WebServiceNonce
 
 Q = TypeVar("Q", bound=BaseModel)
 

@@ -13,7 +13,7 @@ import xml.etree.ElementTree as ET
 from typing import Any
 from xml.sax.saxutils import escape
 
-from cloudfilm.webservice.client import REQUEST_FIELDS
+from cloudfilm.soap.client import REQUEST_FIELDS
 
 SOAP_NS = "http://schemas.xmlsoap.org/soap/envelope/"
 NS = "urn:cloudfilm:webservice:1"

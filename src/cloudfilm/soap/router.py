@@ -26,8 +26,8 @@ from cloudfilm.auth.permissions import Permission
 from cloudfilm.auth.principal import Principal
 from cloudfilm.errors import BadRequest, Conflict, NotFound
 from cloudfilm.httpaudit import note
-from cloudfilm.webservice import service, wsdl
-from cloudfilm.webservice.client import REQUEST_FIELDS, EnvelopeOpenError, open_envelope, seal
+from cloudfilm.soap import service, wsdl
+from cloudfilm.soap.client import REQUEST_FIELDS, EnvelopeOpenError, open_envelope, seal
 
 router = APIRouter(prefix="/api/webservice", tags=["WebService"])
 Searcher = Annotated[Principal, Depends(Permit(Permission.STUDY_SEARCH))]
