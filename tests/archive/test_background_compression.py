@@ -186,6 +186,14 @@ def test_cli__storage_compress_with_the_process_pool(archive: Archive, settings:
         assert archive.ingest((DATA / name).read_bytes(), actor=ACTOR).ok
     with archive.db.read_session() as session:
         assert session.scalar(select(func.count()).select_from(CompressionJob)) == 2
+    storage = settings.storage
+    same_storage = {  # the online tier the tests use (a folder, or SeaweedFS S3)
+        "CLOUDFILM_STORAGE__URL": storage.url or "",
+        "CLOUDFILM_STORAGE__S3_ACCESS_KEY_ID": storage.s3_access_key_id or "",
+        "CLOUDFILM_STORAGE__S3_SECRET_ACCESS_KEY": (
+            storage.s3_secret_access_key.get_secret_value() if storage.s3_secret_access_key else ""
+        ),
+    }
     done = subprocess.run(
         [sys.executable, "-m", "cloudfilm", "storage", "compress"],
         capture_output=True,
@@ -196,6 +204,7 @@ def test_cli__storage_compress_with_the_process_pool(archive: Archive, settings:
             "CLOUDFILM_DATA_DIR": str(settings.data_dir),
             "CLOUDFILM_DATABASE__URL": settings.database_url,
             "CLOUDFILM_COMPRESSION__DEFERRED_GRACE_SECONDS": "0",
+            **{k: v for k, v in same_storage.items() if v},
             "COLUMNS": "200",
         },
     )
