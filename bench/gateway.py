@@ -294,6 +294,8 @@ class Bench:
             }
             if method == "wado":
                 source["wado_url"] = f"{self.pacs.url}/dicom-web"
+            if method == "wado-uri":  # instances listed by C-FIND, one WADO-URI GET each
+                source["wado_uri_url"] = f"{self.pacs.url}/wado"
             settings = Settings(
                 data_dir=base / "unused",
                 gateway={
@@ -440,6 +442,7 @@ LABELS = {
     "move": "gateway, C-MOVE → queue → STOW-RS",
     "get": "gateway, C-GET → queue → STOW-RS",
     "wado": "gateway, WADO-RS → queue → STOW-RS",
+    "wado-uri": "gateway, WADO-URI (one GET per instance) → queue → STOW-RS",
     DIRECT: "direct, C-MOVE → files → 1 STOW-RS (no queue)",
 }
 
@@ -481,8 +484,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=3, help="repetitions per path")
     parser.add_argument(
         "--methods",
-        default="move,get,wado",
-        help="gateway retrieval methods to time (comma-separated; wado needs the plugin)",
+        default="move,get,wado,wado-uri",
+        help="gateway retrieval methods to time (comma-separated; wado and wado-uri need "
+        "the DICOMweb plugin)",
     )
     parser.add_argument("--no-direct", action="store_true", help="skip the direct path")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
@@ -502,9 +506,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("pynetdicom").setLevel(logging.ERROR)
     methods = [m for m in args.methods.split(",") if m]
-    if "wado" in methods and not DICOMWEB_PLUGIN.exists():
-        say(f"note: no {DICOMWEB_PLUGIN} (apt-get install orthanc-dicomweb): wado skipped")
-        methods.remove("wado")
+    for web in ("wado", "wado-uri"):
+        if web in methods and not DICOMWEB_PLUGIN.exists():
+            say(f"note: no {DICOMWEB_PLUGIN} (apt-get install orthanc-dicomweb): {web} skipped")
+            methods.remove(web)
     cases = [*methods] + ([] if args.no_direct else [DIRECT])
     uptime_before = first_line(["uptime"])
     say(f"uptime before: {uptime_before}")
