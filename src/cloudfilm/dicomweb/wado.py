@@ -121,8 +121,9 @@ def indexed_frames(
     accept: str,
 ) -> list[Frame] | None:
     """The requested frames read through the frame index (:mod:`cloudfilm.archive.frames`)
-    with ``read(start, end)`` on the stored object; ``None`` when they must be decoded,
-    which needs the whole object (:func:`frames`)."""
+    with ``read(start, end)`` on the stored object, decoded one by one when the client
+    accepts only uncompressed data; ``None`` when they must be decoded and the index has
+    no pixel description (older indexes): then the whole object is (:func:`frames`)."""
     numbers = parse_frame_list(numbers_text, count)
     how = delivery(UID(ts), accept)
     index = frame_index.parse(index_text)
@@ -175,9 +176,13 @@ def _decode_frame(
     fragments and the pixel description kept with the index), as :func:`_decoded`."""
     data = b"".join(read(s, e) for s, e in frame_index.ranges(index, number))
     try:
+        decoder = get_decoder(ts)
+        plugin = _DECODER.get(str(ts), "")
         options: dict[str, Any] = {"number_of_frames": 1, **index["pixel"]}
-        pixels, _ = get_decoder(ts).as_array(
-            encapsulate([data]), decoding_plugin=_DECODER.get(str(ts), ""), **options
+        pixels, _ = decoder.as_array(
+            encapsulate([data]),
+            decoding_plugin=plugin if plugin in decoder.available_plugins else "",
+            **options,
         )
     except Exception as exc:  # noqa: BLE001 - any decoder failure: the data is damaged
         raise FrameError(422, f"frame {number} cannot be decoded: {exc}") from exc
