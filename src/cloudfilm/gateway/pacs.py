@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -153,12 +153,15 @@ class PacsClient:
                 if v
             ],
         )
+        unchecked: list[int] = []
         try:
             for status, answer in assoc.send_c_find(
                 query, StudyRootQueryRetrieveInformationModelFind
             ):
                 code = int(getattr(status, "Status", -1))
                 if code in _PENDING and answer is not None:
+                    if modality and "ModalitiesInStudy" not in answer:
+                        unchecked.append(len(found))
                     found.append(_found(answer))
                 elif code != _SUCCESS:
                     message(
@@ -170,8 +173,11 @@ class PacsClient:
                         ms=since(start),
                     )
                     raise PacsError(f"C-FIND failed with status 0x{code & 0xFFFF:04X}")
+            if modality and unchecked:
+                found = self._check_modality(assoc, found, unchecked, modality)
         finally:
-            assoc.release()
+            if assoc.is_established:
+                assoc.release()
         message(
             "C-FIND-RSP",
             direction="in",
@@ -181,6 +187,40 @@ class PacsClient:
             ms=since(start),
         )
         return found
+
+    def _check_modality(
+        self, assoc: Any, found: list[FoundStudy], unchecked: list[int], modality: str
+    ) -> list[FoundStudy]:
+        """Keep of the ``unchecked`` studies only those with a series of ``modality``.
+
+        Modalities in Study (0008,0061) is an optional STUDY-level key that not every PACS
+        supports: dcmqrscp drops it from the query and the answer, so every study matches.
+        For a study answered without it, a SERIES-level C-FIND by Modality (a key every
+        PACS supports) on the same association decides.
+        """
+        keep: list[FoundStudy] = []
+        for index, study in enumerate(found):
+            if index not in unchecked:
+                keep.append(study)
+                continue
+            query = Dataset()
+            query.QueryRetrieveLevel = "SERIES"
+            query.StudyInstanceUID = study.study_instance_uid
+            query.SeriesInstanceUID = ""
+            query.Modality = modality
+            if self._matches(assoc, query):
+                keep.append(replace(study, modalities=study.modalities or modality))
+        message(
+            "C-FIND-RSP",
+            direction="in",
+            peer=self.aet,
+            level="SERIES",
+            note="ModalitiesInStudy not supported by the PACS: checked by series",
+            modality=modality,
+            studies=len(unchecked),
+            kept=len(keep) - (len(found) - len(unchecked)),
+        )
+        return keep
 
     def find_instances(self, study_instance_uid: str) -> list[tuple[str, str]]:
         """(Series Instance UID, SOP Instance UID) of every instance of one study: C-FIND at
