@@ -814,10 +814,36 @@ class GatewaySettings(_Section):
     """Bearer token the status API requires (``Authorization: Bearer ...``); keep it in
     ``CLOUDFILM_GATEWAY__API_TOKEN``. Without it the API runs only on a loopback address."""
 
+    hl7_port: int | None = Field(default=None, ge=0, lt=65536)
+    """TCP port of the gateway's HL7 v2 MLLP trigger listener (ORU^R01, ORM^O01, OMI^O23:
+    a final exam is queued like ``POST /trigger``); empty: no listener. Plain MLLP carries
+    patient data unencrypted: keep it on loopback or the hospital LAN."""
+
+    hl7_host: str = "127.0.0.1"
+    """Address the MLLP trigger listener binds to (``0.0.0.0`` for a RIS on the LAN, then
+    set ``hl7_allowed_sources``)."""
+
+    hl7_allowed_sources: list[str] = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
+    """Networks (CIDR) whose MLLP connections are accepted, e.g. ``["10.1.2.0/24"]``;
+    others are closed at once. Default: loopback only."""
+
+    hl7_source: str | None = None
+    """The PACS source an HL7 trigger fetches from; empty: the only source that is not a
+    file drop."""
+
     @field_validator("ae_title", "archive_aet")
     @classmethod
     def _check_gateway_aet(cls, value: str) -> str:
         return _check_aet(value)
+
+    @field_validator("hl7_allowed_sources")
+    @classmethod
+    def _check_hl7_networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for network in value:
+            ipaddress.ip_network(network, strict=False)
+        return value
 
     @field_validator("schedule_hours")
     @classmethod

@@ -63,6 +63,12 @@ def serve(ctx: typer.Context) -> None:
         gw.close()
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from exc
+    try:
+        gw.start_hl7()
+    except OSError as exc:
+        gw.close()
+        console.print(f"[red]HL7 MLLP listener: {exc}[/red]")
+        raise typer.Exit(2) from exc
     api = (
         f", status API http://{settings.gateway.http_host}:{settings.gateway.http_port}"
         if settings.gateway.http_port
@@ -72,6 +78,11 @@ def serve(ctx: typer.Context) -> None:
         f"cloudfilm gateway: {settings.gateway.ae_title} on "
         f"{settings.gateway.scp_host}:{settings.gateway.scp_port}, "
         f"{len(settings.gateway.sources)} source(s), archive {settings.gateway.archive_url}{api}"
+        + (
+            f", HL7 MLLP {settings.gateway.hl7_host}:{settings.gateway.hl7_port}"
+            if settings.gateway.hl7_port is not None
+            else ""
+        )
     )
     try:
         gw.run(stop)

@@ -31,6 +31,7 @@ from cloudfilm.gateway.bandwidth import throttle_for
 from cloudfilm.gateway.compress import compress_for_upload
 from cloudfilm.gateway.delivery import ArchiveClient, CStoreClient, DeliveryError, StowOutcome
 from cloudfilm.gateway.drops import Drop, DropError, Incomplete, NotDicom, open_drop, parse
+from cloudfilm.gateway.hl7_trigger import GatewayHL7Listener
 from cloudfilm.gateway.messages import close_message_log, message, open_message_log
 from cloudfilm.gateway.models import Step
 from cloudfilm.gateway.pacs import PacsClient, PacsError, StorageSCP, spool_received
@@ -68,6 +69,7 @@ class Gateway:
         """The way back: studies from the archive to hospital nodes."""
         self.scp = StorageSCP(self.gw, self.queue)
         self.api: APIServer | None = None
+        self.hl7: GatewayHL7Listener | None = None
         self._next_poll: dict[str, float] = {}
         self._sizes: dict[str, dict[str, int]] = {}
         """Per file-drop source: path → size at the last listing (stability check)."""
@@ -92,9 +94,24 @@ class Gateway:
         self.api = APIServer(self.queue, self.gw, trigger=self.trigger)
         self.api.start()
 
+    def start_hl7(self) -> None:
+        """Listen for HL7 triggers over MLLP (``gateway.hl7_port``; empty: off).
+
+        Raises
+        ------
+        OSError
+            The port cannot be bound.
+        """
+        if self.gw.hl7_port is None:
+            return
+        self.hl7 = GatewayHL7Listener(self.gw, lambda request: self.trigger(request, peer="hl7"))
+        self.hl7.start()
+
     def close(self) -> None:
         if self.api is not None:
             self.api.stop()
+        if self.hl7 is not None:
+            self.hl7.stop()
         self.scp.stop()
         self.archive.close()
         self.send_back.archive.close()
@@ -268,8 +285,9 @@ class Gateway:
             self.queue.discover(name, study, manual=urgent)
         return found
 
-    def trigger(self, request: TriggerRequest) -> dict[str, Any]:
-        """ "Exam X is final" (``POST /trigger``): find the study in the PACS and queue it at
+    def trigger(self, request: TriggerRequest, *, peer: str = "http") -> dict[str, Any]:
+        """ "Exam X is final" (``POST /trigger``, or an HL7 message on the MLLP trigger
+        listener, ``peer="hl7"``): find the study in the PACS and queue it at
         once, outside the schedule and ahead of any back-off wait.
 
         With a Study Instance UID the study is queued even when the C-FIND fails or finds
@@ -314,7 +332,7 @@ class Gateway:
         message(
             "TRIGGER",
             direction="in",
-            peer="http",
+            peer=peer,
             source=name,
             study_uids=[s.study_instance_uid for s in found],
             note=note,
