@@ -83,6 +83,10 @@ DIRECT_AET = "CF_DIRECT"
 CLIENT = "gateway"
 DIRECT = "direct"
 FETCH_TIMEOUT = 300.0
+#: File-drop sources: the files are put where the gateway looks, no PACS query.
+DROPS = ("folder", "ftp")
+FTP_USER = "pacs"
+FTP_PASSWORD_ENV = "CLOUDFILM_BENCH_FTP_PASSWORD"
 HTTP_TIMEOUT = 300.0
 
 
@@ -258,6 +262,36 @@ class Results:
         self.cases.setdefault(case, []).append(sample)
 
 
+@contextlib.contextmanager
+def ftp_server(root: Path) -> Any:
+    """pyftpdlib serving ``root`` on loopback (the FTP drop a modality writes to); its port."""
+    import warnings
+
+    with warnings.catch_warnings():  # pyftpdlib still imports asyncore on Python 3.11
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from pyftpdlib.authorizers import DummyAuthorizer
+        from pyftpdlib.handlers import FTPHandler
+        from pyftpdlib.servers import FTPServer
+
+    password = secrets.token_urlsafe(12)
+    os.environ[FTP_PASSWORD_ENV] = password
+    authorizer = DummyAuthorizer()
+    authorizer.add_user(FTP_USER, password, str(root), perm="elradfmwMT")
+    handler = type("Handler", (FTPHandler,), {"authorizer": authorizer, "use_sendfile": False})
+    logging.getLogger("pyftpdlib").setLevel(logging.WARNING)
+    server = FTPServer((LOOPBACK, 0), handler)
+    port = server.socket.getsockname()[1]
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"timeout": 0.05, "handle_exit": False}, daemon=True
+    )
+    thread.start()
+    try:
+        yield port
+    finally:
+        server.close_all()
+        thread.join(5)
+
+
 class Bench:
     def __init__(self, work: Path, files: list[Path], gateway_port: int, direct_port: int):
         self.work = work
@@ -284,6 +318,7 @@ class Bench:
         assert self.pacs is not None
         base = self.fresh(f"gateway-{method}")
         archive = Archive(base, self.pycache)
+        stack = contextlib.ExitStack()
         try:
             source: dict[str, Any] = {
                 "aet": ORTHANC_AET,
@@ -292,6 +327,22 @@ class Bench:
                 "retrieve": method,
                 "poll_interval": 3600,
             }
+            if method in DROPS:  # the study's files dropped where the gateway looks
+                drop = base / "drop"
+                drop.mkdir()
+                for path in self.files:
+                    shutil.copyfile(path, drop / path.name)
+                source = {"retrieve": method, "poll_interval": 3600}
+                if method == "folder":
+                    source["folder"] = drop
+                else:
+                    source.update(
+                        host=LOOPBACK,
+                        port=stack.enter_context(ftp_server(drop)),
+                        ftp_user=FTP_USER,
+                        ftp_password_env=FTP_PASSWORD_ENV,
+                        ftp_path="/",
+                    )
             if method == "wado":
                 source["wado_url"] = f"{self.pacs.url}/dicom-web"
             if method == "wado-uri":  # instances listed by C-FIND, one WADO-URI GET each
@@ -316,10 +367,18 @@ class Bench:
             gw.start()
             try:
                 start = time.perf_counter()
-                found = gw.fetch("pacs", study_instance_uid=self.study_uid)
-                if len(found) != 1:
-                    raise BenchError(f"C-FIND found {len(found)} studies, expected 1")
                 retrieved_at = None
+                if method in DROPS:
+                    # A file is taken once its size is the same in two listings.
+                    gw.poll_drop("pacs")
+                    gw.poll_drop("pacs")
+                    if gw.queue.study(self.study_uid) is None:
+                        raise BenchError(f"{method}: the dropped study was not queued")
+                    retrieved_at = time.perf_counter()
+                else:
+                    found = gw.fetch("pacs", study_instance_uid=self.study_uid)
+                    if len(found) != 1:
+                        raise BenchError(f"C-FIND found {len(found)} studies, expected 1")
                 deadline = time.monotonic() + FETCH_TIMEOUT
                 while True:
                     job = gw.retrieve_next()
@@ -351,6 +410,7 @@ class Bench:
             first = (retrieved_at or start) - start
             return Sample(seconds, first, seconds - first, load_note())
         finally:
+            stack.close()
             archive.stop()
 
     def run_direct(self) -> Sample:
@@ -443,6 +503,8 @@ LABELS = {
     "get": "gateway, C-GET → queue → STOW-RS",
     "wado": "gateway, WADO-RS → queue → STOW-RS",
     "wado-uri": "gateway, WADO-URI (one GET per instance) → queue → STOW-RS",
+    "folder": "gateway, watch folder (files dropped) → queue → STOW-RS",
+    "ftp": "gateway, FTP drop folder (pyftpdlib) → queue → STOW-RS",
     DIRECT: "direct, C-MOVE → files → 1 STOW-RS (no queue)",
 }
 
@@ -484,7 +546,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=3, help="repetitions per path")
     parser.add_argument(
         "--methods",
-        default="move,get,wado,wado-uri",
+        default="move,get,wado,wado-uri,folder,ftp",
         help="gateway retrieval methods to time (comma-separated; wado and wado-uri need "
         "the DICOMweb plugin)",
     )
