@@ -84,7 +84,7 @@ CLIENT = "gateway"
 DIRECT = "direct"
 FETCH_TIMEOUT = 300.0
 #: File-drop sources: the files are put where the gateway looks, no PACS query.
-DROPS = ("folder", "ftp")
+DROPS = ("folder", "ftp", "sftp")
 FTP_USER = "pacs"
 FTP_PASSWORD_ENV = "CLOUDFILM_BENCH_FTP_PASSWORD"
 HTTP_TIMEOUT = 300.0
@@ -286,9 +286,70 @@ def ftp_server(root: Path) -> Any:
     )
     thread.start()
     try:
-        yield port
+        yield port, None
     finally:
         server.close_all()
+        thread.join(5)
+
+
+@contextlib.contextmanager
+def sftp_server(root: Path) -> Any:
+    """asyncssh's SFTP server on loopback, chrooted to ``root``, in a thread of its own;
+    its port and a known_hosts file with its host key."""
+    import asyncio
+
+    import asyncssh
+
+    password = secrets.token_urlsafe(12)
+    os.environ[FTP_PASSWORD_ENV] = password
+
+    class Server(asyncssh.SSHServer):
+        def begin_auth(self, username: str) -> bool:  # noqa: ARG002 - a password for all
+            return True
+
+        def password_auth_supported(self) -> bool:
+            return True
+
+        def validate_password(self, username: str, given: str) -> bool:
+            return username == FTP_USER and given == password
+
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    holder: dict[str, Any] = {}
+
+    async def listen() -> None:
+        holder["server"] = await asyncssh.listen(
+            LOOPBACK,
+            0,
+            server_host_keys=[key],
+            server_factory=Server,
+            sftp_factory=lambda chan: asyncssh.SFTPServer(chan, chroot=str(root).encode()),
+        )
+        ready.set()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(listen())
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    if not ready.wait(10):
+        raise BenchError("the SFTP server did not start")
+    port = holder["server"].sockets[0].getsockname()[1]
+    known_hosts = root.parent / "known_hosts"
+    known_hosts.write_text(f"[{LOOPBACK}]:{port} {key.export_public_key().decode()}")
+
+    async def close() -> None:
+        holder["server"].close()
+        await holder["server"].wait_closed()
+
+    try:
+        yield port, known_hosts
+    finally:
+        asyncio.run_coroutine_threadsafe(close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
 
 
@@ -336,13 +397,17 @@ class Bench:
                 if method == "folder":
                     source["folder"] = drop
                 else:
+                    serve = ftp_server if method == "ftp" else sftp_server
+                    port, known_hosts = stack.enter_context(serve(drop))
                     source.update(
                         host=LOOPBACK,
-                        port=stack.enter_context(ftp_server(drop)),
+                        port=port,
                         ftp_user=FTP_USER,
                         ftp_password_env=FTP_PASSWORD_ENV,
                         ftp_path="/",
                     )
+                    if known_hosts is not None:
+                        source["sftp_known_hosts"] = known_hosts
             if method == "wado":
                 source["wado_url"] = f"{self.pacs.url}/dicom-web"
             if method == "wado-uri":  # instances listed by C-FIND, one WADO-URI GET each
@@ -505,6 +570,7 @@ LABELS = {
     "wado-uri": "gateway, WADO-URI (one GET per instance) → queue → STOW-RS",
     "folder": "gateway, watch folder (files dropped) → queue → STOW-RS",
     "ftp": "gateway, FTP drop folder (pyftpdlib) → queue → STOW-RS",
+    "sftp": "gateway, SFTP drop folder (asyncssh) → queue → STOW-RS",
     DIRECT: "direct, C-MOVE → files → 1 STOW-RS (no queue)",
 }
 
@@ -546,7 +612,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=3, help="repetitions per path")
     parser.add_argument(
         "--methods",
-        default="move,get,wado,wado-uri,folder,ftp",
+        default="move,get,wado,wado-uri,folder,ftp,sftp",
         help="gateway retrieval methods to time (comma-separated; wado and wado-uri need "
         "the DICOMweb plugin)",
     )
