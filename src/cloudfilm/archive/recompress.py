@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Table, delete, or_, select, update
+from sqlalchemy import Table, delete, func, or_, select, update
 
 from cloudfilm.archive import frames
 from cloudfilm.archive.models import CompressionJob, Instance, Series, Study
@@ -117,9 +117,10 @@ class Compressor:
 
     def pending(self) -> int:
         with self.archive.db.read_session() as session:
-            return len(
-                session.scalars(select(CompressionJob.id).where(_JOB.c.state == QUEUED)).all()
+            count = session.scalar(
+                select(func.count()).select_from(_JOB).where(_JOB.c.state == QUEUED)
             )
+        return int(count or 0)
 
     def run_once(self, limit: int = 64) -> PassResult:
         """Run up to ``limit`` due jobs; one audit record for the pass when it changed
