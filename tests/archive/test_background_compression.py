@@ -28,7 +28,6 @@ from cloudfilm.audit.models import AuditEvent
 from cloudfilm.audit.service import Actor
 from cloudfilm.audit.verify import verify
 from cloudfilm.config import CompressionSettings, Settings
-from cloudfilm.errors import StorageUnavailable
 
 from conftest import DATA
 
@@ -147,19 +146,19 @@ def test_damaged_object_is_not_recompressed(archive: Archive, compressor: Compre
 
 
 def test_storage_failure__retried_later(
-    archive: Archive, compressor: Compressor, monkeypatch: pytest.MonkeyPatch
+    archive: Archive, settings: Settings, compressor: Compressor
 ) -> None:
     assert archive.ingest(CT.read_bytes(), actor=ACTOR).ok
-
-    def refuse(key: str, data: object) -> None:
-        raise StorageUnavailable("the disk went away")
-
-    monkeypatch.setattr(archive.storage, "put", refuse)
+    # The archive's own free-space guard refuses the write, as on a full disk (on S3 the
+    # quota makes the online tier full).
+    settings.monitoring.refuse_below_bytes = 10**15
+    settings.monitoring.quota_bytes = {"online": 1024}
+    archive.monitor.invalidate()  # measure afresh with the new limits
     result = compressor.run_once()
     assert result.failed == 1
     with archive.db.read_session() as session:
         job = session.scalars(select(CompressionJob)).one()
-        assert job.attempts == 1 and "went away" in (job.last_error or "")
+        assert job.attempts == 1 and "out of space" in (job.last_error or "")
     assert compressor.run_once().worked is False  # backing off: not due yet
     assert _instance(archive).transfer_syntax_uid == ImplicitVRLittleEndian
 
