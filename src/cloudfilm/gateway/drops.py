@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import warnings
+from abc import ABC, abstractmethod
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Protocol
 
@@ -179,13 +180,97 @@ class FolderDrop:
         return
 
 
-class FtpDrop:
+class _RemoteDrop(ABC):
+    """What the FTP and SFTP drops share: the listing one sub-folder deep, downloads that
+    resume in a partial file, and files that leave the server only after delivery."""
+
+    source: GatewaySource
+    root: PurePosixPath
+    peer: str
+    protocol: str  # FTP, SFTP (in messages)
+    read_verb: str  # RETR, READ (in the message log)
+
+    @abstractmethod
+    def _errors(self) -> tuple[type[BaseException], ...]:
+        """The exceptions of a failed transfer or listing."""
+
+    @abstractmethod
+    def _entries(self, folder: PurePosixPath) -> list[tuple[str, str, int]]:
+        """(name, "file"/"dir", size) in ``folder``."""
+
+    @abstractmethod
+    def _download(self, path: str, offset: int, out: IO[bytes], size: int) -> None:
+        """Append ``path`` from byte ``offset`` to ``out`` (at most ``size`` bytes in all)."""
+
+    def listing(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        try:
+            for name, kind, size in self._entries(self.root):
+                if not _listed(name):
+                    continue
+                if kind == "file":
+                    out[name] = size
+                    continue
+                for inner, inner_kind, inner_size in self._entries(self.root / name):
+                    if inner_kind == "file" and _listed(inner):
+                        out[f"{name}/{inner}"] = inner_size
+        except self._errors() as exc:
+            raise DropError(
+                f"{self.protocol} listing of {self.peer}: {type(exc).__name__}: {exc}"
+            ) from exc
+        return out
+
+    def fetch(self, path: str, size: int, partial: Path) -> bytes:
+        """Download ``path`` into ``partial``, resuming what an earlier attempt left there;
+        the bytes once the file holds all ``size`` of them."""
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        offset = partial.stat().st_size if partial.exists() else 0
+        if offset > size:  # the remote file was replaced by a shorter one: start again
+            partial.unlink()
+            offset = 0
+        error: str | None = None
+        with partial.open("ab") as out:
+            if offset < size:
+                try:
+                    self._download(path, offset, out, size)
+                except self._errors() as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+            out.flush()
+            os.fsync(out.fileno())
+        got = partial.stat().st_size
+        message(
+            f"{self.protocol}-{self.read_verb}",
+            direction="in",
+            peer=self.peer,
+            file=path,
+            offset=offset,
+            bytes=got - offset,
+            size=size,
+            result="ok" if got == size and error is None else (error or "short"),
+        )
+        if got != size:
+            raise Incomplete(
+                f"{path}: {got} of {size} bytes after the transfer"
+                + (f" ({error})" if error else "")
+                + "; resumed at the next poll"
+            )
+        return partial.read_bytes()
+
+    def taken(self, path: str) -> None:  # noqa: ARG002 - removed after delivery, if at all
+        return
+
+    def refused(self, path: str, reason: str) -> None:  # noqa: ARG002 - the queue remembers
+        return
+
+
+class FtpDrop(_RemoteDrop):
     """A folder on an FTP (or FTPS) server, with ftplib."""
 
     def __init__(self, settings: GatewaySettings, source: GatewaySource) -> None:
         self.source = source
         self.root = PurePosixPath(source.ftp_path or "/")
         self.peer = f"ftp://{source.host}:{source.port}{self.root}"
+        self.protocol, self.read_verb = "FTP", "RETR"
         password = _password(source) or ""
         ftp: ftplib.FTP = ftplib.FTP_TLS() if source.ftp_tls else ftplib.FTP()
         try:
@@ -224,63 +309,11 @@ class FtpDrop:
             out.append((name, "file", int(size or 0)))
         return out
 
-    def listing(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        try:
-            for name, kind, size in self._entries(self.root):
-                if not _listed(name):
-                    continue
-                if kind == "file":
-                    out[name] = size
-                    continue
-                for inner, inner_kind, inner_size in self._entries(self.root / name):
-                    if inner_kind == "file" and _listed(inner):
-                        out[f"{name}/{inner}"] = inner_size
-        except (OSError, EOFError, ftplib.Error) as exc:
-            raise DropError(f"FTP listing of {self.peer}: {type(exc).__name__}: {exc}") from exc
-        return out
+    def _errors(self) -> tuple[type[BaseException], ...]:
+        return (OSError, EOFError, ftplib.Error)
 
-    def fetch(self, path: str, size: int, partial: Path) -> bytes:
-        """Download ``path`` into ``partial``, resuming (``REST``) what an earlier attempt
-        left there; the bytes once the file holds all ``size`` of them."""
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        offset = partial.stat().st_size if partial.exists() else 0
-        if offset > size:  # the remote file was replaced by a shorter one: start again
-            partial.unlink()
-            offset = 0
-        error: str | None = None
-        with partial.open("ab") as out:
-            if offset < size:
-                try:
-                    self.ftp.retrbinary(f"RETR {self.root / path}", out.write, rest=offset or None)
-                except (TimeoutError, OSError, EOFError, ftplib.Error) as exc:
-                    error = f"{type(exc).__name__}: {exc}"
-            out.flush()
-            os.fsync(out.fileno())
-        got = partial.stat().st_size
-        message(
-            "FTP-RETR",
-            direction="in",
-            peer=self.peer,
-            file=path,
-            offset=offset,
-            bytes=got - offset,
-            size=size,
-            result="ok" if got == size and error is None else (error or "short"),
-        )
-        if got != size:
-            raise Incomplete(
-                f"{path}: {got} of {size} bytes after the transfer"
-                + (f" ({error})" if error else "")
-                + "; resumed at the next poll"
-            )
-        return partial.read_bytes()
-
-    def taken(self, path: str) -> None:  # noqa: ARG002 - removed after delivery, if at all
-        return
-
-    def refused(self, path: str, reason: str) -> None:  # noqa: ARG002 - the queue remembers
-        return
+    def _download(self, path: str, offset: int, out: IO[bytes], size: int) -> None:  # noqa: ARG002
+        self.ftp.retrbinary(f"RETR {self.root / path}", out.write, rest=offset or None)
 
     def remove(self, path: str) -> None:
         """After delivery: delete the remote file or move it into ``ftp_done_path``."""
@@ -311,7 +344,7 @@ class FtpDrop:
             self.ftp.close()
 
 
-class SftpDrop:
+class SftpDrop(_RemoteDrop):
     """A folder on an SSH server, with asyncssh's SFTP client (run on a private event loop:
     the gateway's loop is synchronous). The server's host key must be in
     ``sftp_known_hosts`` (default ``~/.ssh/known_hosts``)."""
@@ -322,6 +355,7 @@ class SftpDrop:
         self.source = source
         self.root = PurePosixPath(source.ftp_path or "/")
         self.peer = f"sftp://{source.host}:{source.port}{self.root}"
+        self.protocol, self.read_verb = "SFTP", "READ"
         password = _password(source)
         options: dict[str, Any] = {
             "username": source.ftp_user,
@@ -358,36 +392,13 @@ class SftpDrop:
                 out.append((name, "file", int(entry.attrs.size or 0)))
         return out
 
-    def listing(self) -> dict[str, int]:
+    def _errors(self) -> tuple[type[BaseException], ...]:
         import asyncssh
 
-        out: dict[str, int] = {}
-        try:
-            for name, kind, size in self._entries(self.root):
-                if not _listed(name):
-                    continue
-                if kind == "file":
-                    out[name] = size
-                    continue
-                for inner, inner_kind, inner_size in self._entries(self.root / name):
-                    if inner_kind == "file" and _listed(inner):
-                        out[f"{name}/{inner}"] = inner_size
-        except (OSError, asyncssh.Error) as exc:
-            raise DropError(f"SFTP listing of {self.peer}: {type(exc).__name__}: {exc}") from exc
-        return out
+        return (OSError, asyncssh.Error)
 
-    def fetch(self, path: str, size: int, partial: Path) -> bytes:
-        """Download ``path`` into ``partial`` from where an earlier attempt stopped."""
-        import asyncssh
-
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        offset = partial.stat().st_size if partial.exists() else 0
-        if offset > size:
-            partial.unlink()
-            offset = 0
-        error: str | None = None
-
-        async def copy(out: IO[bytes]) -> None:
+    def _download(self, path: str, offset: int, out: IO[bytes], size: int) -> None:
+        async def copy() -> None:
             position = offset
             async with self._sftp.open(str(self.root / path), "rb") as remote:
                 while position < size:
@@ -397,38 +408,7 @@ class SftpDrop:
                     out.write(chunk)
                     position += len(chunk)
 
-        with partial.open("ab") as out:
-            if offset < size:
-                try:
-                    self._run(copy(out))
-                except (OSError, asyncssh.Error) as exc:
-                    error = f"{type(exc).__name__}: {exc}"
-            out.flush()
-            os.fsync(out.fileno())
-        got = partial.stat().st_size
-        message(
-            "SFTP-READ",
-            direction="in",
-            peer=self.peer,
-            file=path,
-            offset=offset,
-            bytes=got - offset,
-            size=size,
-            result="ok" if got == size and error is None else (error or "short"),
-        )
-        if got != size:
-            raise Incomplete(
-                f"{path}: {got} of {size} bytes after the transfer"
-                + (f" ({error})" if error else "")
-                + "; resumed at the next poll"
-            )
-        return partial.read_bytes()
-
-    def taken(self, path: str) -> None:  # noqa: ARG002 - removed after delivery, if at all
-        return
-
-    def refused(self, path: str, reason: str) -> None:  # noqa: ARG002 - the queue remembers
-        return
+        self._run(copy())
 
     def remove(self, path: str) -> None:
         """After delivery: delete the remote file or move it into ``ftp_done_path``."""
