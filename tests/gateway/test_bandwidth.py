@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import pydicom
 import pytest
-from test_end_to_end import archived, load, same_pixels
+from test_end_to_end import assert_archived, load
 
 from cloudfilm.gateway.bandwidth import Throttle
 from cloudfilm.gateway.models import StudyState
@@ -99,10 +99,7 @@ def test_bandwidth__backfill_keeps_schedule_and_limit(
         back = gw.send_back.jobs.job(job["id"])
     finally:
         gw.close()
-    assert set(archived(live_server)) == set(originals)
-    stored = archived(live_server)
-    for uid, data in originals.items():
-        assert same_pixels(data, stored[uid])
+    assert_archived(live_server, originals)
     sent = sum(len(data) for data in originals.values())
     assert gw.throttle is not None
     lower = (sent - gw.throttle.burst) / RATE

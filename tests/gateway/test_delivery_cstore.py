@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from pynetdicom import AE, StoragePresentationContexts, evt
 from sqlalchemy import select
-from test_end_to_end import SMALL, archived, drain, load, same_pixels
+from test_end_to_end import SMALL, assert_archived, drain, load
 from test_faults import run_until, state, study_of
 
 from cloudfilm.archive.models import Instance
@@ -80,10 +80,7 @@ def test_cstore__small_samples__archive_holds_every_instance(
     try:
         assert gw.poll("pacs") == len(SMALL)
         drain(gw)
-        stored = archived(live_server)
-        assert set(stored) == set(originals)
-        for uid, data in originals.items():
-            assert same_pixels(data, stored[uid]), uid
+        assert_archived(live_server, originals)
         assert gw.queue.summary()["instances"] == {InstanceState.DELIVERED: len(SMALL)}
         assert list(gw.queue.spooled()) == []
         # Resending a delivered instance is harmless: the archive answers success again.

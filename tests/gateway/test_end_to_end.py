@@ -71,6 +71,15 @@ def same_pixels(original: bytes, stored: bytes) -> bool:
     return bool(np.array_equal(a.pixel_array, b.pixel_array))
 
 
+def assert_archived(server: LiveServer, originals: dict[str, bytes]) -> None:
+    """The archive holds exactly ``originals`` (SOP Instance UID → bytes sent), each with
+    the same pixels."""
+    stored = archived(server)
+    assert set(stored) == set(originals)
+    for uid, data in originals.items():
+        assert same_pixels(data, stored[uid]), uid
+
+
 def load(orthanc: OrthancPACS, files: list[Path]) -> dict[str, bytes]:
     originals = {}
     for path in files:
@@ -87,10 +96,7 @@ def test_gateway__poll_move_stow__archive_holds_every_instance(
     assert gateway.poll("pacs") == len(SMALL)
     assert gateway.poll("pacs") == 0  # overlap: already queued, nothing new
     drain(gateway)
-    stored = archived(live_server)
-    assert set(stored) == set(originals)
-    for uid, data in originals.items():
-        assert same_pixels(data, stored[uid]), uid
+    assert_archived(live_server, originals)
     summary = gateway.queue.summary()
     assert summary["studies"] == {StudyState.DELIVERED: len(SMALL)}
     assert summary["instances"] == {InstanceState.DELIVERED: len(SMALL)}

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import pydicom
 import pytest
-from test_end_to_end import SMALL, archived, drain, load, same_pixels
+from test_end_to_end import SMALL, archived, assert_archived, drain, load, same_pixels
 
 from cloudfilm.config import Settings
 from cloudfilm.gateway.models import InstanceState, StudyState
@@ -66,10 +66,7 @@ def test_retrieve__get_and_wado__archive_holds_every_instance(
     originals = load(orthanc, [DATA / name for name in SMALL])
     assert method_gateway.poll("pacs") == len(SMALL)
     drain(method_gateway)
-    stored = archived(live_server)
-    assert set(stored) == set(originals)
-    for uid, data in originals.items():
-        assert same_pixels(data, stored[uid]), uid
+    assert_archived(live_server, originals)
     summary = method_gateway.queue.summary()
     assert summary["studies"] == {StudyState.DELIVERED: len(SMALL)}
     assert summary["instances"] == {InstanceState.DELIVERED: len(SMALL)}

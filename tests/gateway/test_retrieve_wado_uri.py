@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import pydicom
 import pytest
-from test_end_to_end import SMALL, archived, drain, load, same_pixels
+from test_end_to_end import SMALL, archived, assert_archived, drain, load
 
 from cloudfilm.gateway.models import InstanceState, StudyState
 from cloudfilm.gateway.service import Gateway
@@ -71,10 +71,7 @@ def test_wado_uri__poll_and_fetch_each_instance__archive_holds_every_instance(
     originals = load(orthanc, [DATA / name for name in SMALL])
     assert uri_gateway.poll("pacs") == len(SMALL)
     drain(uri_gateway)
-    stored = archived(live_server)
-    assert set(stored) == set(originals)
-    for uid, data in originals.items():
-        assert same_pixels(data, stored[uid]), uid
+    assert_archived(live_server, originals)
     summary = uri_gateway.queue.summary()
     assert summary["studies"] == {StudyState.DELIVERED: len(SMALL)}
     assert summary["instances"] == {InstanceState.DELIVERED: len(SMALL)}
