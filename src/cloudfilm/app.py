@@ -34,6 +34,7 @@ from cloudfilm.auth.pages import router as pages_router
 from cloudfilm.auth.permissions import Permission
 from cloudfilm.auth.principal import Principal
 from cloudfilm.auth.router import router as auth_router
+from cloudfilm.billing.router import router as billing_router
 from cloudfilm.clock import Clock
 from cloudfilm.config import Settings
 from cloudfilm.dicomweb.router import DicomwebError
@@ -140,6 +141,7 @@ def create_app(archive: Archive, *, clock: Clock | None = None) -> FastAPI:
     app.state.storage_monitor = archive.monitor
     app.include_router(dicomweb_router)
     app.include_router(wado_uri_router)
+    app.include_router(billing_router)
     app.include_router(fhir_router)
     app.include_router(auth_router)
     app.include_router(admin_router)

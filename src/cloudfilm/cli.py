@@ -22,6 +22,7 @@ from rich.table import Table
 
 from cloudfilm import __version__
 from cloudfilm.archive.tiers_cli import register as register_tier_commands
+from cloudfilm.billing.cli import billing_app
 from cloudfilm.config import Environment, Settings
 from cloudfilm.gateway.cli import gateway_app
 from cloudfilm.hl7.cli import hl7_app
@@ -45,6 +46,7 @@ audit_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(audit_app, name="audit")
+app.add_typer(billing_app, name="billing")
 app.add_typer(gateway_app, name="gateway")
 app.add_typer(hl7_app, name="hl7")
 console = Console(stderr=True)
@@ -166,6 +168,7 @@ def serve(
         raise typer.Exit(2)
 
     from cloudfilm.archive import recompress, stats
+    from cloudfilm.billing import sender as billing
     from cloudfilm.dimse.server import DIMSEServer
     from cloudfilm.storage.monitor import MonitorLoop
 
@@ -197,6 +200,7 @@ def serve(
     integrity_loops = _start_integrity_loops(archive)
     background = contextlib.ExitStack()  # compression queued by ingest (compression.deferred)
     background.enter_context(recompress.running(archive))
+    background.enter_context(billing.running(archive))  # charges to the HIS (billing.delivery)
     tier_runner = None
     if settings.tiers.backends:  # migration and recall jobs, the planner in its windows
         from cloudfilm.archive.tiering import TierRunner

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+from decimal import Decimal
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
@@ -982,6 +983,143 @@ class TiersSettings(_Section):
         return self
 
 
+class ChargeEvent(StrEnum):
+    """When a cloud film is charged (one charge per exam)."""
+
+    RELEASED = "released"
+    """When the report is released to the patient (the film is delivered then)."""
+    FIRST_VIEW = "first-view"
+    """When the patient first opens the exam."""
+
+
+class ChargeDelivery(StrEnum):
+    """How a charge reaches the HIS."""
+
+    NONE = "none"
+    """Not sent: the HIS charges by its own rules, reconciliation compares."""
+    HL7 = "hl7"
+    """HL7 v2 DFT^P03 over MLLP to ``billing.hl7_host``:``billing.hl7_port``."""
+    HTTP = "http"
+    """A JSON POST to ``billing.http_url`` with a bearer token."""
+
+
+class BillingColumns(_Section):
+    """Header names of an imported HIS charge list (CSV/XLSX), each a list of the names
+    accepted for that column (first match wins; compared without spaces, case-blind)."""
+
+    accession_number: list[str] = Field(
+        default_factory=lambda: ["检查号", "申请单号", "医嘱号", "accession_number"]
+    )
+    """The exam's accession or order number: the reconciliation's first key."""
+    patient_id: list[str] = Field(default_factory=lambda: ["患者ID", "病人ID", "patient_id"])
+    """The hospital's patient ID (with day and item code, the second key)."""
+    item_code: list[str] = Field(default_factory=lambda: ["收费项目编码", "项目编码", "item_code"])
+    """The charge item code (收费项目编码)."""
+    amount: list[str] = Field(default_factory=lambda: ["金额", "实收金额", "amount"])
+    """The amount in yuan (negative for a refund line)."""
+    department: list[str] = Field(default_factory=lambda: ["科室", "开单科室", "department"])
+    """The department charged (开单科室)."""
+    charged_at: list[str] = Field(default_factory=lambda: ["收费时间", "charged_at"])
+    """When the HIS charged: ``2026-11-28 09:30[:00]``, ``2026/11/28 9:30`` or a date."""
+
+
+class BillingSettings(_Section):
+    enabled: bool = False
+    """Record a charge for each delivered cloud film (收费). Off by default: the archive
+    charges nothing until the hospital has set the price and the item code."""
+
+    charge_event: ChargeEvent = ChargeEvent.RELEASED
+    """When an exam is charged: ``released`` (the report is released to the patient) or
+    ``first-view`` (the patient first opens the exam). Only this event makes a charge;
+    an exam is charged once whatever happens after."""
+
+    price: Decimal | None = Field(default=None, ge=0, max_digits=10, decimal_places=2)
+    """Price of one cloud film in yuan (元), e.g. ``"20.00"``, as the hospital's price list
+    (广东省医疗服务价格项目) gives it. Required when billing is enabled."""
+
+    price_by_modality: dict[str, Decimal] = Field(default_factory=dict)
+    """Other prices for some modalities (Modality, 0008,0060), e.g. ``{"CT": "25.00",
+    "MR": "30.00"}``; the others pay ``price``."""
+
+    item_code: str = Field(default="", max_length=64)
+    """The charge item code (收费项目编码) the HIS knows the cloud film by, e.g. the
+    provincial code of 数字影像云胶片. Empty by default on purpose: no official code is
+    assumed; set the one of the hospital's price list."""
+
+    item_name: str = Field(default="数字影像云胶片", max_length=128)
+    """The charge item name (收费项目名称) sent with each charge."""
+
+    currency: str = Field(default="CNY", pattern=r"^[A-Z]{3}$")
+    """ISO 4217 currency of the prices."""
+
+    delivery: ChargeDelivery = ChargeDelivery.NONE
+    """How each charge (and each reversal) is sent to the HIS: ``none``, ``hl7`` (DFT^P03
+    over MLLP, answered with an ACK) or ``http`` (JSON POST, 2xx accepted). The charge row
+    is the durable outbox: it is sent after its transaction commits, and retried."""
+
+    hl7_host: str = "127.0.0.1"
+    """The HIS's MLLP host for ``delivery = "hl7"``."""
+
+    hl7_port: int | None = Field(default=None, ge=1, le=65535)
+    """The HIS's MLLP port for ``delivery = "hl7"`` (required then)."""
+
+    hl7_receiving_application: str = Field(default="HIS", max_length=64)
+    """MSH-5 of the DFT messages."""
+
+    hl7_receiving_facility: str = Field(default="", max_length=64)
+    """MSH-6 of the DFT messages."""
+
+    http_url: str | None = None
+    """The HIS endpoint for ``delivery = "http"`` (required then), e.g.
+    ``https://his.example/api/charges``."""
+
+    http_token: SecretStr | None = None
+    """Bearer token sent to ``http_url``."""
+
+    timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    """How long one delivery waits for the answer (ACK or HTTP response)."""
+
+    max_attempts: int = Field(default=8, ge=1, le=100)
+    """Deliveries of one charge before it is given up (``failed``); a given-up charge is
+    sent again by ``cloudfilm billing resend``."""
+
+    retry_base_seconds: float = Field(default=10.0, gt=0)
+    """Back-off after the first failed delivery; each further failure waits four times
+    longer, up to an hour."""
+
+    interval_seconds: float = Field(default=5.0, gt=0)
+    """How often ``cloudfilm serve`` looks for charges to send."""
+
+    import_max_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    """Largest HIS charge list accepted (CSV or XLSX), in bytes."""
+
+    columns: BillingColumns = Field(default_factory=BillingColumns)
+    """Column names of the HIS charge list (Chinese names by default)."""
+
+    @field_validator("price_by_modality")
+    @classmethod
+    def _upper_modalities(cls, value: dict[str, Decimal]) -> dict[str, Decimal]:
+        for price in value.values():
+            if price < 0 or price != price.quantize(Decimal("0.01")):
+                raise ValueError("a price is ≥ 0 yuan with at most two decimals")
+        return {k.strip().upper(): v for k, v in value.items()}
+
+    @model_validator(mode="after")
+    def _check_delivery(self) -> Self:
+        if self.enabled and self.price is None:
+            raise ValueError("billing.enabled needs billing.price (yuan, e.g. \"20.00\")")
+        if self.delivery is ChargeDelivery.HL7 and self.hl7_port is None:
+            raise ValueError("billing.delivery = hl7 needs billing.hl7_port")
+        if self.delivery is ChargeDelivery.HTTP and not self.http_url:
+            raise ValueError("billing.delivery = http needs billing.http_url")
+        return self
+
+    def price_for(self, modality: str) -> Decimal:
+        """The price of one cloud film of ``modality``."""
+        found = self.price_by_modality.get(modality.strip().upper(), self.price)
+        return found if found is not None else Decimal("0.00")
+
+
 class HL7Settings(_Section):
     port: int | None = None
     """TCP port of the HL7 v2 MLLP listener (the usual one is 2575). Empty: no listener.
@@ -1067,6 +1205,8 @@ class Settings(BaseSettings):
     """Lossless compression of uncompressed images at ingest."""
     audit: AuditSettings = Field(default_factory=AuditSettings)
     """The audit trail: hash chain and retention."""
+    billing: BillingSettings = Field(default_factory=BillingSettings)
+    """Charging for cloud films, delivery of the charges to the HIS, reconciliation."""
     dimse: DimseSettings = Field(default_factory=DimseSettings)
     """The DICOM listener."""
     http: HttpSettings = Field(default_factory=HttpSettings)

@@ -21,6 +21,7 @@ from cloudfilm.auth.models import (
     UserRole,
     UserSession,
 )
+from cloudfilm.billing.models import Charge, HisChargeLine, ImportBatch
 from cloudfilm.db import Base
 from cloudfilm.hl7.models import HL7Message
 from cloudfilm.mpi.models import Person, PersonHistory, PersonIdentifier, PersonMerge
@@ -60,4 +61,7 @@ __all__ = [
     "UserRole",
     "UserSession",
     "WebServiceNonce",
+    "Charge",
+    "HisChargeLine",
+    "ImportBatch",
 ]

@@ -27,6 +27,8 @@ class Permission(StrEnum):
     """Delete studies, series, instances (to the recycle bin), restore and purge them."""
     ARCHIVE_STATS = "archive:stats"
     """Counts and statistics without patient data."""
+    BILLING_RECONCILE = "billing:reconcile"
+    """Import the HIS charge list, list charges, reconcile and export (finance/statistics)."""
     USER_MANAGE = "user:manage"
     """Create, edit, disable users and departments; reset passwords (system administrator)."""
     CLIENT_MANAGE = "client:manage"
@@ -64,6 +66,7 @@ _LABELS = {
     Permission.STUDY_STORE: "上传影像 Store images",
     Permission.STUDY_DELETE: "删除影像 Delete studies",
     Permission.ARCHIVE_STATS: "查看统计 View statistics",
+    Permission.BILLING_RECONCILE: "收费对账 Billing reconciliation",
     Permission.USER_MANAGE: "用户管理 Manage users",
     Permission.CLIENT_MANAGE: "接口客户端管理 Manage integration clients",
     Permission.STORAGE_MANAGE: "存储管理 Manage storage",

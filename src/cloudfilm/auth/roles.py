@@ -158,6 +158,14 @@ BUILTIN_ROLES = (
         permissions=[Permission.AUDIT_READ, Permission.AUDIT_EXPORT],
     ),
     RoleSpec(
+        code="finance",
+        name="财务/统计",
+        name_en="Finance and statistics",
+        description="云胶片收费记录、HIS 收费清单导入与对账 · charges, HIS charge lists, "
+        "reconciliation",
+        permissions=[Permission.BILLING_RECONCILE, Permission.ARCHIVE_STATS],
+    ),
+    RoleSpec(
         code="clinician",
         name="临床医生",
         name_en="Clinician",

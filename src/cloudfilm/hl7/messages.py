@@ -29,7 +29,7 @@ CHARSETS: dict[str, str] = {
 }
 
 #: The message codes (MSH-9.1) this archive takes in; anything else is answered AE 200.
-KNOWN_MESSAGE_CODES = frozenset({"ADT", "ORM", "OMI", "ORU"})
+KNOWN_MESSAGE_CODES = frozenset({"ADT", "ORM", "OMI", "ORU", "DFT"})
 
 
 class AckCode(StrEnum):

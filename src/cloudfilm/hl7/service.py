@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from cloudfilm.audit import service as audit
 from cloudfilm.audit.enums import AuditAction, AuditEventType, AuditOutcome
 from cloudfilm.hl7 import adt as _adt  # noqa: F401  (registers the ADT handlers)
+from cloudfilm.hl7 import dft as _dft  # noqa: F401  (registers the DFT^P03 charge handler)
 from cloudfilm.hl7 import handlers, sealing
 from cloudfilm.hl7 import orm as _orm  # noqa: F401  (registers the ORM/OMI handlers)
 from cloudfilm.hl7.messages import (
