@@ -51,6 +51,7 @@ from cloudfilm.errors import (
 )
 from cloudfilm.fhir.router import router as fhir_router
 from cloudfilm.mpi.router import router as mpi_router
+from cloudfilm.notify.router import router as notify_router
 from cloudfilm.ohif import router as ohif_router
 from cloudfilm.soap.router import router as webservice_router
 from cloudfilm.storage.router import router as storage_router
@@ -152,6 +153,7 @@ def create_app(archive: Archive, *, clock: Clock | None = None) -> FastAPI:
     app.include_router(archive_router)
     app.include_router(tiers_router)
     app.include_router(mpi_router)
+    app.include_router(notify_router)
     app.include_router(webservice_router)
     _install_error_handlers(app)
     app.add_middleware(httpaudit.AuditMiddleware, archive=archive, audited=audited)

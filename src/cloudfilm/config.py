@@ -1172,6 +1172,267 @@ class WebServiceSettings(_Section):
     new key: ``cloudfilm client webservice-key NAME``)."""
 
 
+class NotifyChannel(StrEnum):
+    SMS = "sms"
+    """A text message through the SMS platform (``notify.sms_driver``)."""
+    WECHAT = "wechat"
+    """A WeChat Official Account template message to an openid."""
+
+
+class SmsDriver(StrEnum):
+    HTTP = "http"
+    """A generic HTTP SMS platform (``notify.http``)."""
+    ALIYUN = "aliyun"
+    """Alibaba Cloud SMS ``SendSms`` (``notify.aliyun``)."""
+
+
+class HttpBodyFormat(StrEnum):
+    JSON = "json"
+    FORM = "form"
+
+
+class NotifyTemplate(_Section):
+    sms: str = ""
+    """SMS text with ``{variable}`` placeholders (the signature is added by the driver or
+    the platform); empty: the template is not sent by SMS."""
+
+    sms_code: str | None = None
+    """The platform's template code (Alibaba Cloud ``SMS_123456789``; for the ``http``
+    driver sent in ``notify.http.template_field``). Required by ``aliyun``."""
+
+    wechat_template_id: str | None = None
+    """Template id of the Official Account's template message; empty: not sent by WeChat."""
+
+    wechat_fields: dict[str, str] = Field(default_factory=dict)
+    """WeChat template data: field name → text with ``{variable}`` placeholders, e.g.
+    ``{"first": "{hospital}", "keyword1": "{exam}"}``."""
+
+    wechat_url: str = ""
+    """Address the WeChat message opens, with placeholders (``{link}``); empty: none."""
+
+
+def _default_templates() -> dict[str, NotifyTemplate]:
+    return {
+        "exam-registered": NotifyTemplate(
+            sms="您在{hospital}的{exam}检查已登记（{date}），报告发布后可在此查看：{link}",
+            wechat_fields={
+                "first": "您在{hospital}的检查已登记",
+                "keyword1": "{exam}",
+                "keyword2": "{date}",
+                "remark": "报告发布后可点击查看",
+            },
+            wechat_url="{link}",
+        ),
+        "report-released": NotifyTemplate(
+            sms="您在{hospital}的{exam}检查报告已发布，请点击查看：{link}",
+            wechat_fields={
+                "first": "您在{hospital}的检查报告已发布",
+                "keyword1": "{exam}",
+                "remark": "点击查看报告和影像",
+            },
+            wechat_url="{link}",
+        ),
+        "storage-alarm": NotifyTemplate(
+            sms="云胶片存储告警：{message}",
+            wechat_fields={"first": "云胶片存储告警", "keyword1": "{message}"},
+        ),
+    }
+
+
+class NotifyHttpSettings(_Section):
+    url: str | None = None
+    """Address of the SMS platform's send API, e.g. ``https://sms.example.cn/api/send``."""
+
+    method: str = "POST"
+    """HTTP method of the send request (``POST`` or ``GET``; GET sends the fields in the
+    query string)."""
+
+    body_format: HttpBodyFormat = HttpBodyFormat.JSON
+    """``json`` or ``form`` (``application/x-www-form-urlencoded``)."""
+
+    phone_field: str = "mobile"
+    """Field that carries the phone number."""
+
+    text_field: str | None = "content"
+    """Field that carries the rendered text; empty: no text is sent (template platforms)."""
+
+    signature_field: str | None = None
+    """Field that carries the signature (``notify.sms_signature``); empty: the text starts
+    with ``【签名】`` instead."""
+
+    template_field: str | None = None
+    """Field that carries the template's ``sms_code``; empty: not sent."""
+
+    variables_field: str | None = None
+    """Field that carries the template variables as a JSON object; empty: not sent."""
+
+    extra_fields: dict[str, str] = Field(default_factory=dict)
+    """Constant fields added to every request (an account name, a channel code)."""
+
+    auth_header: str = "Authorization"
+    """Header that carries ``auth_value``."""
+
+    auth_value: SecretStr | None = None
+    """Value of ``auth_header`` (e.g. ``Bearer ...``); keep it in
+    ``CLOUDFILM_NOTIFY__HTTP__AUTH_VALUE``."""
+
+    hmac_secret: SecretStr | None = None
+    """When set, each request carries ``hmac_header`` = hex HMAC-SHA256 over
+    ``timestamp + "\\n" + body`` with this secret and the Unix time in
+    ``hmac_timestamp_header``; a receipt signed the same way over its body is accepted.
+    Keep it in ``CLOUDFILM_NOTIFY__HTTP__HMAC_SECRET``."""
+
+    hmac_header: str = "X-Signature"
+    """Header of the HMAC signature."""
+
+    hmac_timestamp_header: str = "X-Timestamp"
+    """Header of the signed Unix time."""
+
+    success_field: str = "code"
+    """Field of the JSON answer that tells success (dotted path, ``data.code``)."""
+
+    success_value: str = "0"
+    """Value of ``success_field`` (compared as text) that means the platform accepted."""
+
+    message_id_field: str = "message_id"
+    """Field of the JSON answer holding the platform's message id (dotted path); the
+    delivery receipt names the message by it."""
+
+    receipt_id_field: str = "message_id"
+    """Field of a delivery receipt (JSON object, or array of them) with the message id."""
+
+    receipt_status_field: str = "status"
+    """Field of a delivery receipt with the delivery status."""
+
+    receipt_delivered_values: list[str] = Field(default_factory=lambda: ["DELIVERED", "0"])
+    """Values of ``receipt_status_field`` that mean delivered; any other means failed."""
+
+    timeout_seconds: float = Field(default=10.0, gt=0)
+    """How long one send request may take; a timeout is retried."""
+
+
+class NotifyAliyunSettings(_Section):
+    endpoint: str = "https://dysmsapi.aliyuncs.com/"
+    """Alibaba Cloud SMS API address (RPC style, ``SendSms`` version 2017-05-25)."""
+
+    access_key_id: str | None = None
+    """AccessKey ID of a RAM user allowed to send SMS."""
+
+    access_key_secret: SecretStr | None = None
+    """AccessKey secret; keep it in ``CLOUDFILM_NOTIFY__ALIYUN__ACCESS_KEY_SECRET``."""
+
+    region_id: str = "cn-hangzhou"
+    """``RegionId`` common parameter."""
+
+    timeout_seconds: float = Field(default=10.0, gt=0)
+    """How long one send request may take; a timeout is retried."""
+
+
+class NotifyWechatSettings(_Section):
+    base_url: str = "https://api.weixin.qq.com"
+    """WeChat API root (``/cgi-bin/token``, ``/cgi-bin/message/template/send``)."""
+
+    app_id: str | None = None
+    """AppID of the Official Account."""
+
+    app_secret: SecretStr | None = None
+    """AppSecret of the Official Account; keep it in
+    ``CLOUDFILM_NOTIFY__WECHAT__APP_SECRET``."""
+
+    callback_token: SecretStr | None = None
+    """Token configured on the Official Account's server URL: WeChat signs its event
+    pushes (template send results) with it; keep it in
+    ``CLOUDFILM_NOTIFY__WECHAT__CALLBACK_TOKEN``."""
+
+    timeout_seconds: float = Field(default=10.0, gt=0)
+    """How long one request may take; a timeout is retried."""
+
+
+class AlarmRecipient(_Section):
+    channel: NotifyChannel
+    """``sms`` or ``wechat``."""
+    to: str
+    """Phone number (``sms``) or openid (``wechat``) of the administrator."""
+
+
+class NotifySettings(_Section):
+    channels: list[NotifyChannel] = Field(default_factory=list)
+    """Channels that send: ``["sms"]``, ``["sms", "wechat"]``. Empty (the default):
+    nothing is queued or sent."""
+
+    sms_driver: SmsDriver = SmsDriver.HTTP
+    """How SMS are sent: ``http`` (a generic platform, ``notify.http``) or ``aliyun``
+    (Alibaba Cloud, ``notify.aliyun``)."""
+
+    sms_signature: str = ""
+    """SMS signature (签名) the platform has approved, e.g. ``某某医院``; shown as
+    ``【某某医院】`` in front of the text."""
+
+    templates: dict[str, NotifyTemplate] = Field(default_factory=_default_templates)
+    """Message templates by name (``exam-registered``, ``report-released``,
+    ``storage-alarm`` ship with zh-CN texts); a name given here replaces that default,
+    the other defaults stay. TOML: ``[notify.templates.report-released]``."""
+
+    limit_per_hour: int = Field(default=5, ge=1)
+    """Messages one recipient may get per hour; more are refused (state ``refused``,
+    audited)."""
+
+    limit_per_day: int = Field(default=10, ge=1)
+    """Messages one recipient may get per day (24 hours); more are refused."""
+
+    max_attempts: int = Field(default=6, ge=1, le=50)
+    """Send attempts before a message is given up (state ``given-up``, audited)."""
+
+    backoff_initial_seconds: float = Field(default=30.0, gt=0)
+    """Wait before the first retry; doubled after each failed attempt."""
+
+    backoff_max_seconds: float = Field(default=3600.0, gt=0)
+    """Longest wait between two attempts."""
+
+    lease_seconds: float = Field(default=120.0, gt=0)
+    """How long a dispatcher holds a message it is sending; after that another process
+    may send it again (a dispatcher that died)."""
+
+    interval_seconds: float = Field(default=5.0, gt=0)
+    """How often ``cloudfilm serve`` looks for due messages."""
+
+    alarm_recipients: list[AlarmRecipient] = Field(default_factory=list)
+    """Administrators who get a ``storage-alarm`` message when the storage monitor raises
+    an alarm, e.g. ``[{channel = "sms", to = "13800000000"}]``."""
+
+    receipt_token: SecretStr | None = None
+    """Shared token a delivery receipt must carry in the ``X-Notify-Token`` header
+    (``POST /api/notify/receipts/{driver}``); keep it in
+    ``CLOUDFILM_NOTIFY__RECEIPT_TOKEN``. Without it only signed receipts (``http`` with
+    ``hmac_secret``, ``wechat`` with ``callback_token``) are accepted."""
+
+    http: NotifyHttpSettings = Field(default_factory=NotifyHttpSettings)
+    """The generic HTTP SMS platform driver."""
+
+    aliyun: NotifyAliyunSettings = Field(default_factory=NotifyAliyunSettings)
+    """The Alibaba Cloud SMS driver."""
+
+    wechat: NotifyWechatSettings = Field(default_factory=NotifyWechatSettings)
+    """The WeChat Official Account driver."""
+
+    @field_validator("templates")
+    @classmethod
+    def _keep_default_templates(
+        cls, value: dict[str, NotifyTemplate]
+    ) -> dict[str, NotifyTemplate]:
+        return {**_default_templates(), **value}
+
+    @model_validator(mode="after")
+    def _check_notify(self) -> Self:
+        if self.limit_per_day < self.limit_per_hour:
+            raise ValueError("notify.limit_per_day must be at least notify.limit_per_hour")
+        if self.backoff_max_seconds < self.backoff_initial_seconds:
+            raise ValueError("notify.backoff_max_seconds must be at least backoff_initial_seconds")
+        if self.http.method.upper() not in ("GET", "POST"):
+            raise ValueError("notify.http.method is GET or POST")
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CLOUDFILM_",
@@ -1224,6 +1485,8 @@ class Settings(BaseSettings):
     """The HL7 v2 MLLP listener (ADT, ORM, ORU from the HIS/RIS)."""
     webservice: WebServiceSettings = Field(default_factory=WebServiceSettings)
     """The query WebService (JSON and SOAP doors with encrypted parameters and results)."""
+    notify: NotifySettings = Field(default_factory=NotifySettings)
+    """SMS and WeChat notifications: channels, drivers, templates, send limits, retries."""
 
     @classmethod
     def settings_customise_sources(
@@ -1255,6 +1518,9 @@ class Settings(BaseSettings):
             "storage.s3_secret_access_key": self.storage.s3_secret_access_key,
             "gateway.client_secret": self.gateway.client_secret,
             "gateway.api_token": self.gateway.api_token,
+            "notify.aliyun.access_key_secret": self.notify.aliyun.access_key_secret,
+            "notify.wechat.app_secret": self.notify.wechat.app_secret,
+            "notify.receipt_token": self.notify.receipt_token,
         }
         for name, value in checks.items():
             if value is None:

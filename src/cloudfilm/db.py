@@ -103,7 +103,10 @@ class Database:
         self.engine = create_db_engine(settings)
         # Sessions carry the settings: domain code that needs a key derived from the
         # application secret (the MPI's sealed identifiers) finds them in ``session.info``.
-        info = {"settings": settings}
+        info: dict[str, object] = {"settings": settings}
+        self.info = info
+        """What every session of this database carries in ``session.info``: ``settings``,
+        and ``storage`` once an :class:`~cloudfilm.archive.ingest.Archive` opened one."""
         self.session_factory = sessionmaker(self.engine, expire_on_commit=False, info=info)
         self._readonly_engine = self.engine.execution_options(**{_READONLY: True})
         self.read_factory = sessionmaker(self._readonly_engine, expire_on_commit=False, info=info)

@@ -25,6 +25,7 @@ from cloudfilm.billing.models import Charge, HisChargeLine, ImportBatch
 from cloudfilm.db import Base
 from cloudfilm.hl7.models import HL7Message
 from cloudfilm.mpi.models import Person, PersonHistory, PersonIdentifier, PersonMerge
+from cloudfilm.notify.models import Notification
 from cloudfilm.orders.models import Encounter, ImagingOrder, OrderStatusChange
 from cloudfilm.soap.models import WebServiceNonce
 from cloudfilm.storage.models import Alarm, MirrorPending, StorageSample
@@ -44,6 +45,7 @@ __all__ = [
     "Instance",
     "InstanceMetadata",
     "MirrorPending",
+    "Notification",
     "OrderStatusChange",
     "PasswordHistory",
     "Patient",

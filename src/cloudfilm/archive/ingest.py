@@ -104,6 +104,10 @@ class Archive:
                     devices[name] = (tier.backend, name)
         self.monitor = StorageMonitor(self.db, settings.monitoring, devices, self.totals)
         """Free-space guard before every write, usage, alarms (:mod:`cloudfilm.storage.monitor`)."""
+        if settings.notify.alarm_recipients:
+            from cloudfilm.notify.alarms import notify_alarm
+
+            self.monitor.on_raised.append(notify_alarm)
         self.limits = IngestLimits(
             max_object_bytes=settings.ingest.max_object_bytes,
             max_frame_pixels=settings.ingest.max_frame_pixels,

@@ -120,3 +120,15 @@ class AuditEventType(StrEnum):
     """Two persons of the patient master index were merged (ADT A40 or the API)."""
     PATIENT_UNMERGED = "patient-unmerged"
     """A merge of the patient master index was reversed."""
+    NOTIFICATION_SENT = "notification-sent"
+    """An SMS or WeChat message was accepted by the platform (``detail``: channel,
+    template, attempt, provider message id; never the recipient or the text)."""
+    NOTIFICATION_FAILED = "notification-failed"
+    """A send attempt failed (``detail``: error, whether it will be retried)."""
+    NOTIFICATION_GIVEN_UP = "notification-given-up"
+    """A message was given up after its last attempt (``notify.max_attempts``)."""
+    NOTIFICATION_REFUSED = "notification-refused"
+    """A message was refused before sending: over the recipient's send limit, an invalid
+    recipient, an unknown template or missing variables (``detail``: reason)."""
+    NOTIFICATION_RECEIPT = "notification-receipt"
+    """A delivery receipt came in (``detail``: driver, status); refused receipts too."""

@@ -47,6 +47,9 @@ class Permission(StrEnum):
     """Look patients up in the master index (PIX, PDQ) and read their identifiers."""
     PATIENT_MERGE = "patient:merge"
     """Merge and unmerge patients of the master index."""
+    NOTIFY_READ = "notify:read"
+    """List the SMS and WeChat messages sent, their state and delivery receipts, recipients
+    masked (system administrator)."""
 
     @property
     def label(self) -> str:
@@ -76,12 +79,14 @@ _LABELS = {
     Permission.AUDIT_EXPORT: "审计导出 Export audit trail",
     Permission.PATIENT_READ: "患者主索引查询 Look up patients",
     Permission.PATIENT_MERGE: "患者合并与拆分 Merge patients",
+    Permission.NOTIFY_READ: "消息通知记录 Notification log",
 }
 
 _RESERVED = {
     Permission.USER_MANAGE: Duty.SYSTEM,
     Permission.CLIENT_MANAGE: Duty.SYSTEM,
     Permission.STORAGE_MANAGE: Duty.SYSTEM,
+    Permission.NOTIFY_READ: Duty.SYSTEM,
     Permission.ROLE_MANAGE: Duty.SECURITY,
     Permission.POLICY_MANAGE: Duty.SECURITY,
     Permission.AUDIT_READ: Duty.AUDIT,

@@ -139,6 +139,7 @@ BUILTIN_ROLES = (
             Permission.CLIENT_MANAGE,
             Permission.STORAGE_MANAGE,
             Permission.ARCHIVE_STATS,
+            Permission.NOTIFY_READ,
         ],
     ),
     RoleSpec(

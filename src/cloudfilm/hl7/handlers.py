@@ -6,8 +6,8 @@ trigger of a code (the exact type wins). They take the session (flush, never com
 the caller owns the transaction), the parsed message and the stored row. A message whose
 type has no handler keeps status ``received`` until one exists; ``cloudfilm hl7 replay``
 runs it then. ADT A01/A04/A08/A28/A31/A40 feed the patient master index
-(:mod:`cloudfilm.hl7.adt`), ORM^O01 and OMI^O23 the orders (:mod:`cloudfilm.hl7.orm`);
-the ORU (reports) handler comes with its domain (issue 7 item 4).
+(:mod:`cloudfilm.hl7.adt`), ORM^O01 and OMI^O23 the orders (:mod:`cloudfilm.hl7.orm`),
+ORU^R01 the reports (:mod:`cloudfilm.hl7.oru`).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from cloudfilm.hl7 import adt as _adt  # noqa: F401  (registers the ADT handlers
 from cloudfilm.hl7 import dft as _dft  # noqa: F401  (registers the DFT^P03 charge handler)
 from cloudfilm.hl7 import handlers, sealing
 from cloudfilm.hl7 import orm as _orm  # noqa: F401  (registers the ORM/OMI handlers)
+from cloudfilm.hl7 import oru as _oru  # noqa: F401  (registers the ORU report handler)
 from cloudfilm.hl7.messages import (
     AckCode,
     Header,

@@ -221,6 +221,9 @@ class StorageMonitor:
         self._written: dict[str, int] = {}
         """Bytes this process let through :meth:`check_space` since then, per storage."""
         self._lock = threading.Lock()
+        self.on_raised: list[Callable[[Session, AlarmView], object]] = []
+        """Called for each alarm this monitor raises, in the transaction that records it
+        (the notification outbox queues the administrators' messages here)."""
 
     def quota(self, name: str) -> int | None:
         """``monitoring.quota_bytes`` of storage ``name``'s tier."""
@@ -531,8 +534,16 @@ class StorageMonitor:
                 except IntegrityError:
                     # Another monitor process raised it first: once per condition.
                     continue
-                result.raised.append(AlarmView.of(alarm))
+                view = AlarmView.of(alarm)
+                result.raised.append(view)
                 _audit(session, AuditEventType.ALARM_RAISED, alarm, _SYSTEM)
+                for hook in self.on_raised:
+                    try:
+                        with session.begin_nested():
+                            hook(session, view)
+                    except Exception:
+                        # The alarm stands even when its notification cannot be queued.
+                        logger.exception("alarm hook failed")
         for view in result.raised:
             if view.subject == subject:
                 log = logger.error if view.severity == Severity.CRITICAL else logger.warning

@@ -1,0 +1,1 @@
+"""Diagnostic reports, their PDFs with a QR code, and the document registry."""

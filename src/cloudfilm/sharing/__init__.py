@@ -1,0 +1,1 @@
+"""Patient entry tokens (report QR codes, registration labels) and their verification."""
