@@ -1172,6 +1172,45 @@ class WebServiceSettings(_Section):
     new key: ``cloudfilm client webservice-key NAME``)."""
 
 
+class ReportSettings(_Section):
+    hospital_name: str = "云胶片示范医院"
+    """The hospital's name in the report header (and in notices)."""
+
+    hospital_name_en: str = "Cloud Film Demonstration Hospital"
+    """The English line under the name in the header; empty: none."""
+
+    department_title: str = "医学影像科 检查报告单"
+    """The title line under the hospital's name."""
+
+    logo_path: Path | None = None
+    """A PNG or SVG logo printed left of the hospital's name; empty: none."""
+
+    footer: str = "本报告仅供临床参考，扫描二维码可查看电子胶片与原始影像。"
+    """A line at the foot of every report page."""
+
+    release_delay_hours: float = Field(default=0.0, ge=0, le=24 * 30)
+    """Hours between a report's approval and its release to the patient (portal, SMS,
+    kiosk). 0: released at once."""
+
+    release_delay_by_modality: dict[str, float] = Field(default_factory=dict)
+    """Other delays for some modalities, e.g. ``{"PT": 48}``."""
+
+    hold_critical: bool = False
+    """Keep reports with a critical finding (危急值) from release until a user releases them
+    (the clinician tells the patient first)."""
+
+    entry_token_days: int | None = Field(default=None, ge=1)
+    """Days a QR code on a report or label stays valid; empty: until revoked (a printed
+    report is kept for years). Opening it always needs the identity check."""
+
+    key_images_max: int = Field(default=4, ge=0, le=12)
+    """Key images printed on the report (rendered from the archive); 0: none."""
+
+    encapsulate: bool = True
+    """Also store each report PDF as a DICOM Encapsulated PDF in its study, so that DICOM
+    viewers and workstations show it."""
+
+
 class NotifyChannel(StrEnum):
     SMS = "sms"
     """A text message through the SMS platform (``notify.sms_driver``)."""
@@ -1487,6 +1526,8 @@ class Settings(BaseSettings):
     """The query WebService (JSON and SOAP doors with encrypted parameters and results)."""
     notify: NotifySettings = Field(default_factory=NotifySettings)
     """SMS and WeChat notifications: channels, drivers, templates, send limits, retries."""
+    reports: ReportSettings = Field(default_factory=ReportSettings)
+    """Report PDFs (header, QR code, key images) and release rules."""
 
     @classmethod
     def settings_customise_sources(

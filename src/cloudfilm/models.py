@@ -27,6 +27,8 @@ from cloudfilm.hl7.models import HL7Message
 from cloudfilm.mpi.models import Person, PersonHistory, PersonIdentifier, PersonMerge
 from cloudfilm.notify.models import Notification
 from cloudfilm.orders.models import Encounter, ImagingOrder, OrderStatusChange
+from cloudfilm.reports.models import Document, Report, ReportVersion
+from cloudfilm.sharing.models import EntryToken
 from cloudfilm.soap.models import WebServiceNonce
 from cloudfilm.storage.models import Alarm, MirrorPending, StorageSample
 
@@ -39,6 +41,8 @@ __all__ = [
     "AuditEvent",
     "Base",
     "Department",
+    "Document",
+    "EntryToken",
     "Encounter",
     "HL7Message",
     "ImagingOrder",
@@ -53,6 +57,8 @@ __all__ = [
     "PersonHistory",
     "PersonIdentifier",
     "PersonMerge",
+    "Report",
+    "ReportVersion",
     "Role",
     "SecuritySetting",
     "Series",

@@ -93,6 +93,8 @@ class Archive:
         self.settings = settings
         self.db = db or Database(settings)
         self.storage = storage or open_storage(settings, db=self.db)
+        # Domain code running in a session (HL7 handlers storing a report's PDF) finds it.
+        self.db.info.setdefault("storage", self.storage)
         online = online_backend(self.storage)
         if isinstance(online, MirroredBackend):
             online.attach(self.db)  # the copy journal and alarms live in the index
@@ -345,6 +347,7 @@ def sweep_orphans(archive: Archive, *, older_than: timedelta) -> int:
 
     def flush() -> int:
         from cloudfilm.archive.deletion import DeletedInstance
+        from cloudfilm.reports.models import Document
 
         with archive.db.read_session() as session:
             known = set(
@@ -363,6 +366,10 @@ def sweep_orphans(archive: Archive, *, older_than: timedelta) -> int:
                 session.scalars(
                     select(CompressionJob.old_key).where(CompressionJob.old_key.in_(batch))
                 )
+            )
+            # Report PDFs, labels and RIS documents of the document registry.
+            known.update(
+                session.scalars(select(Document.storage_key).where(Document.storage_key.in_(batch)))
             )
         count = 0
         for key in batch:
