@@ -168,9 +168,9 @@ def serve(
         raise typer.Exit(2)
 
     from cloudfilm.archive import recompress, stats
-    from cloudfilm.notify import service as notify
     from cloudfilm.billing import sender as billing
     from cloudfilm.dimse.server import DIMSEServer
+    from cloudfilm.notify import service as notify
     from cloudfilm.storage.monitor import MonitorLoop
 
     archive = _open_archive(settings, migrate=False)
@@ -201,8 +201,8 @@ def serve(
     integrity_loops = _start_integrity_loops(archive)
     background = contextlib.ExitStack()  # compression queued by ingest (compression.deferred)
     background.enter_context(recompress.running(archive))
-    background.enter_context(notify.running(archive))  # the SMS / WeChat outbox
     background.enter_context(billing.running(archive))  # charges to the HIS (billing.delivery)
+    background.enter_context(notify.running(archive))  # the SMS / WeChat outbox
     tier_runner = None
     if settings.tiers.backends:  # migration and recall jobs, the planner in its windows
         from cloudfilm.archive.tiering import TierRunner
