@@ -1,17 +1,44 @@
-"""Helpers of the billing tests: a delivery through the public hook, the charges."""
+"""Helpers of the billing tests: an archive whose billing settings each test chooses
+(``make_archive``, on SQLite and PostgreSQL through the shared ``settings`` fixture), a
+delivery through the public hook, the charges."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from typing import Any
 
+import pytest
 from sqlalchemy import select
 
+from cloudfilm import migrations
 from cloudfilm.archive.ingest import Archive
 from cloudfilm.billing import service
 from cloudfilm.billing.models import Charge
+from cloudfilm.config import BillingSettings, Settings
+from cloudfilm.db import Database
+from cloudfilm.storage import open_storage
 
 MakeArchive = Callable[..., Archive]
+
+
+@pytest.fixture(name="make_archive")
+def make_archive_fixture(settings: Settings) -> Iterator[MakeArchive]:
+    """``make_archive(**billing)``: an archive with ``BillingSettings(**billing)``."""
+    opened: list[Archive] = []
+
+    def make(**billing: Any) -> Archive:
+        chosen = settings.model_copy(update={"billing": BillingSettings(**billing)})
+        db = Database(chosen)
+        if db.is_sqlite:
+            migrations.upgrade(db.engine)
+        archive = Archive(chosen, db=db, storage=open_storage(chosen))
+        opened.append(archive)
+        return archive
+
+    yield make
+    for archive in opened:
+        archive.close()
 
 
 def deliver(

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
-from billing_helpers import MakeArchive, charges, deliver
+from billing_helpers import MakeArchive, charges, deliver, make_archive_fixture  # noqa: F401
 from sqlalchemy import func, select
 
 from cloudfilm.audit.models import AuditEvent
