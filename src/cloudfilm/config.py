@@ -1562,6 +1562,9 @@ class Settings(BaseSettings):
             "notify.aliyun.access_key_secret": self.notify.aliyun.access_key_secret,
             "notify.wechat.app_secret": self.notify.wechat.app_secret,
             "notify.receipt_token": self.notify.receipt_token,
+            "notify.http.auth_value": self.notify.http.auth_value,
+            "notify.http.hmac_secret": self.notify.http.hmac_secret,
+            "notify.wechat.callback_token": self.notify.wechat.callback_token,
         }
         for name, value in checks.items():
             if value is None:
