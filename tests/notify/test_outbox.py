@@ -368,3 +368,55 @@ def test_storage_alarm__one_sms_per_alarm(
     assert request.json()["mobile"] == PHONE
     assert request.json()["content"].startswith("【云胶片医院】云胶片存储告警：")
     assert "storage primary" in request.json()["content"]
+
+
+def test_dispatch__lease_of_a_dead_dispatcher_runs_out(
+    settings: Settings, archives: list[Archive], platform: SmsPlatform
+) -> None:
+    archive = _archive(settings, archives, **sms_settings(platform, lease_seconds=60))
+    notification_id = _enqueue(archive)
+    assert notification_id is not None
+    clock = MovableClock()
+    dead = service.Dispatcher(archive, clock=clock)
+    assert dead._lease(notification_id) is not None  # leased, then the process died
+    dead.close()
+    assert _row(archive, notification_id).state == "sending"
+    dispatcher = service.Dispatcher(archive, clock=clock)
+    assert dispatcher.run_once() == 0  # still leased
+    clock.advance(seconds=61)
+    assert dispatcher.run_once() == 1
+    dispatcher.close()
+    assert _row(archive, notification_id).state == "sent" and len(platform.received) == 1
+
+
+def test_http_driver__form_body_with_signature_template_and_variables_fields(
+    settings: Settings, archives: list[Archive], platform: SmsPlatform
+) -> None:
+    notify = sms_settings(platform)
+    notify["http"] = {
+        **notify["http"],
+        "body_format": "form",
+        "phone_field": "phone",
+        "text_field": "text",
+        "signature_field": "sign",
+        "template_field": "tpl",
+        "variables_field": "params",
+        "extra_fields": {"account": "hospital-1"},
+    }
+    notify["templates"] = {"report-released": {"sms": "报告已发布：{link}", "sms_code": "T100"}}
+    archive = _archive(settings, archives, **notify)
+    _enqueue(archive)
+    dispatcher = service.Dispatcher(archive)
+    assert dispatcher.run_once() == 1
+    dispatcher.close()
+    [request] = platform.received
+    assert request.headers["content-type"].startswith("application/x-www-form-urlencoded")
+    form = request.form()
+    assert form == {
+        "account": "hospital-1",
+        "phone": PHONE,
+        "text": "报告已发布：https://film.example.cn/s/abc",  # the signature in its own field
+        "sign": "云胶片医院",
+        "tpl": "T100",
+        "params": json.dumps(VARS, ensure_ascii=False),
+    }
