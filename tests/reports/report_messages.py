@@ -5,13 +5,20 @@ from __future__ import annotations
 import base64
 import io
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+from hl7.client import MLLPClient
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+import hl7
 from cloudfilm.archive.ingest import Archive
 from cloudfilm.audit.service import Actor
+from cloudfilm.config import HL7Settings
+from cloudfilm.hl7.listener import HL7Listener
 
 from conftest import DATA, require_tool
 
@@ -34,6 +41,7 @@ def oru(
     name: str = "王小明",
     phone: str = "13800138000",
     placer: str = "HIS100",
+    reported: str = "20261128143000",
 ) -> bytes:
     """An ORU^R01 (UTF-8) with PID, ORC, OBR (chest CT, doctors in OBR-32..34, status in
     OBR-25), ZDS (Study Instance UID) and OBX findings, impression, key images, PDF."""
@@ -43,7 +51,7 @@ def oru(
         f"PID|1||{patient}^^^HIS^PI||{name}^^^^^^L||19800315|M|||||{phone}",
         "PV1|1|O|放射科门诊",
         f"ORC|RE|{placer}|RIS{accession}||CM",
-        _obr(placer, accession, status),
+        _obr(placer, accession, status, reported),
     ]
     if study_uid:
         segments.append(f"ZDS|{study_uid}^^Application^DICOM")
@@ -60,7 +68,7 @@ def oru(
     return ("\r".join(segments) + "\r").encode("utf-8")
 
 
-def _obr(placer: str, accession: str, status: str) -> str:
+def _obr(placer: str, accession: str, status: str, reported: str) -> str:
     fields = [""] * 35
     fields[1] = "1"
     fields[2] = placer
@@ -69,7 +77,7 @@ def _obr(placer: str, accession: str, status: str) -> str:
     fields[7] = "20261128090000"
     fields[15] = "^^^胸部"
     fields[18] = accession
-    fields[22] = "20261128143000"
+    fields[22] = reported
     fields[24] = "CT"
     fields[25] = status
     fields[32] = "D01&张&主任"
@@ -137,3 +145,28 @@ def qr_codes(png: Path) -> list[str]:
         check=False,
     )
     return [line for line in out.stdout.decode("utf-8").splitlines() if line]
+
+
+@contextmanager
+def listening(archive: Archive) -> Iterator[HL7Listener]:
+    """The archive's MLLP listener on a free port."""
+    server = HL7Listener(archive.db, HL7Settings(port=0, idle_timeout_seconds=5))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def send(listener: HL7Listener, *messages: bytes) -> list[Any]:
+    """Each message on one connection, as a RIS sends them; the parsed ACKs."""
+    acks = []
+    with MLLPClient("127.0.0.1", listener.port, encoding="utf-8") as client:
+        for raw in messages:
+            answer = client.send_message(raw)
+            acks.append(hl7.parse(answer[1:-2].decode("utf-8")))
+    return acks
+
+
+def ack_code(ack: Any) -> str:
+    return str(ack.segment("MSA")[1])

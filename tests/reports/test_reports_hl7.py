@@ -5,27 +5,26 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from hl7.client import MLLPClient
 from pydicom import dcmread
 from report_messages import (
     FINDINGS,
     IMPRESSION,
+    ack_code,
     ingest_ct,
+    listening,
     oru,
     pdf_page_png,
     pdf_text,
     qr_codes,
+    send,
 )
 from sqlalchemy import select
 
-import hl7
 from cloudfilm.archive.ingest import Archive
 from cloudfilm.archive.models import Instance, Series, Study
 from cloudfilm.audit.models import AuditEvent
-from cloudfilm.config import HL7Settings
 from cloudfilm.hl7.listener import HL7Listener
 from cloudfilm.reports.models import Document, Report, ReportVersion
 from cloudfilm.reports.worker import ENCAPSULATED_PDF, ReportWorker
@@ -34,23 +33,8 @@ from cloudfilm.sharing import tokens
 
 @pytest.fixture
 def listener(archive: Archive) -> Iterator[HL7Listener]:
-    server = HL7Listener(archive.db, HL7Settings(port=0, idle_timeout_seconds=5))
-    server.start()
-    yield server
-    server.stop()
-
-
-def send(listener: HL7Listener, *messages: bytes) -> list[Any]:
-    acks = []
-    with MLLPClient("127.0.0.1", listener.port, encoding="utf-8") as client:
-        for raw in messages:
-            answer = client.send_message(raw)
-            acks.append(hl7.parse(answer[1:-2].decode("utf-8")))
-    return acks
-
-
-def ack_code(ack: Any) -> str:
-    return str(ack.segment("MSA")[1])
+    with listening(archive) as server:
+        yield server
 
 
 def report_of(archive: Archive, accession: str) -> tuple[Report, list[ReportVersion]]:

@@ -10,11 +10,16 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from cloudfilm.billing import service as billing
 from cloudfilm.config import Settings
 from cloudfilm.mpi.keys import keys_of
 from cloudfilm.mpi.models import PersonIdentifier
 from cloudfilm.mpi.service import PHONE
+from cloudfilm.notify import service as notify
+from cloudfilm.orders.models import ImagingOrder
 from cloudfilm.reports.models import Report, ReportVersion
+from cloudfilm.reports.service import resolve_study_uid
+from cloudfilm.sharing import tokens
 
 
 def phone_of(session: Session, person_id: int | None) -> str | None:
@@ -31,12 +36,50 @@ def phone_of(session: Session, person_id: int | None) -> str | None:
 
 
 def on_release(
-    session: Session,  # noqa: ARG001 - the outbox and billing calls land next
-    report: Report,  # noqa: ARG001
-    version: ReportVersion,  # noqa: ARG001
-    settings: Settings,  # noqa: ARG001
-    now: datetime,  # noqa: ARG001
+    session: Session, report: Report, version: ReportVersion, settings: Settings, now: datetime
 ) -> dict[str, Any]:
     """Queue the notice and the charge of a release; what was queued, for the audit."""
     queued: dict[str, Any] = {}
+    order = session.get(ImagingOrder, report.order_id) if report.order_id else None
+    if not report.study_instance_uid:
+        report.study_instance_uid = resolve_study_uid(session, report, order)
+    if report.study_instance_uid:
+        queued["charge_id"] = billing.record_delivery(
+            session,
+            event="released",
+            study_instance_uid=report.study_instance_uid,
+            accession_number=report.accession_number,
+            patient_id=report.patient_id,
+            person_id=report.person_id,
+            department=version.department,
+            modality=version.modality,
+            exam_name=version.exam_name,
+            at=now,
+        )
+    phone = phone_of(session, report.person_id)
+    if phone:
+        token = tokens.issue(
+            session,
+            purpose="report",
+            person_id=report.person_id,
+            patient_id=report.patient_id,
+            accession_number=report.accession_number,
+            study_instance_uid=report.study_instance_uid,
+            report_id=report.id,
+            now=now,
+        )
+        queued["notification_id"] = notify.enqueue(
+            session,
+            channel="sms",
+            template="report-released",
+            to=phone,
+            variables={
+                "hospital": settings.reports.hospital_name,
+                "exam": version.exam_name or "影像",
+                "link": tokens.entry_url(settings, token),
+            },
+            object_type="report",
+            object_id=str(report.id),
+            dedupe_key=f"report-released:{report.id}",
+        )
     return queued

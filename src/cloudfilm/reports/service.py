@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from cloudfilm.archive.models import Study
 from cloudfilm.audit import service as audit
 from cloudfilm.audit.enums import AuditAction, AuditEventType
+from cloudfilm.billing import service as billing
 from cloudfilm.config import Settings
 from cloudfilm.errors import BadRequest, Conflict, NotFound
 from cloudfilm.orders import service as orders
@@ -154,7 +155,9 @@ def _order_for(session: Session, data: ReportData) -> ImagingOrder | None:
     return order
 
 
-def _study_uid(session: Session, report: Report, order: ImagingOrder | None) -> str:
+def resolve_study_uid(session: Session, report: Report, order: ImagingOrder | None) -> str:
+    """The report's study: as given, else the order's, else the archived study with the
+    report's accession number; empty when none is known yet."""
     if report.study_instance_uid:
         return report.study_instance_uid
     if order is not None and order.study_instance_uid:
@@ -322,7 +325,7 @@ def submit(
         report.patient_id = order.patient_id
         report.patient_authority = order.patient_authority
     if not report.study_instance_uid:
-        report.study_instance_uid = _study_uid(session, report, order)
+        report.study_instance_uid = resolve_study_uid(session, report, order)
     session.flush()
 
     previous = (
@@ -374,7 +377,12 @@ def submit(
     if status is ReportStatus.WITHDRAWN:
         report.withdrawn_at = now
         report.render_pending = False
+        if report.released_at is not None and report.study_instance_uid:
+            billing.record_withdrawal(session, study_instance_uid=report.study_instance_uid, at=now)
     else:
+        if outcome == "reinstated":  # released again, after the new approval's delay
+            report.released_at = None
+            report.approved_at = None
         report.withdrawn_at = None
         report.render_pending = status.approved
         report.render_attempts = 0
