@@ -231,16 +231,28 @@ def _csv_rows(text: str) -> Iterator[tuple[int, list[Any]]]:
     sample = text[:8192]
     delimiter = "\t" if sample.count("\t") > sample.count(",") else ","
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    rows: list[tuple[int, list[Any]]] = []
     start = 1
     try:
         for row in reader:
-            yield start, row
+            rows.append((start, row))
             start = reader.line_num + 1
     except csv.Error as exc:
         raise ImportRefused(
-            f"CSV 文件在第 {start} 行附近中断或格式错误 · the CSV file is cut short or "
-            f"malformed near line {start} ({exc})"
+            f"CSV 文件在第 {start} 行中断或格式错误 · the CSV file is cut short or malformed "
+            f"at line {start} ({exc})"
         ) from exc
+    filled = [(n, row) for n, row in rows if any(cell.strip() for cell in row)]
+    # A file cut off in its last line: no line break at the end, and that line shorter
+    # than the header (an export that ends mid-way is refused, not half-imported).
+    if len(filled) > 1 and not text.endswith(("\n", "\r")):
+        last_no, last = filled[-1]
+        if len(last) < len(filled[0][1]):
+            raise ImportRefused(
+                f"CSV 文件在第 {last_no} 行中断（行不完整且无换行） · the CSV file is cut short "
+                f"at line {last_no} (an incomplete last line without a line break)"
+            )
+    yield from rows
 
 
 def _xlsx_rows(data: bytes) -> Iterator[tuple[int, list[Any]]]:
@@ -294,7 +306,7 @@ def import_file(
     """
     if len(data) > billing.import_max_bytes:
         raise ImportRefused(
-            f"文件过大（上限 {billing.import_max_bytes} 字节）· the file is larger than "
+            f"文件过大（上限 {billing.import_max_bytes} 字节） · the file is larger than "
             f"billing.import_max_bytes ({billing.import_max_bytes} bytes)"
         )
     if not data:

@@ -383,7 +383,7 @@ def save_import(
     earlier = session.scalar(select(ImportBatch.id).where(ImportBatch.sha256 == sha256))
     if earlier is not None:
         raise Conflict(
-            f"该收费清单已导入（批次 {earlier}）· this charge list was imported already "
+            f"该收费清单已导入（批次 {earlier}） · this charge list was imported already "
             f"(batch {earlier}); nothing was added"
         )
     batch = ImportBatch(
