@@ -158,9 +158,7 @@ async def import_charge_list(
              "billing-import", None,
              detail={"file_name": name[:255], "bytes": len(data), "reason": str(exc)})  # fmt: skip
         raise
-    note(request, AuditEventType.BILLING_IMPORTED, AuditAction.CREATE, "billing-import",
-         str(result["batch_id"]),
-         detail={k: result[k] for k in ("batch_id", "file_name", "kept", "rejected")})  # fmt: skip
+    # The import's own audit record (billing-imported) is written with the batch.
     return JSONResponse(result, status_code=201)
 
 
