@@ -420,3 +420,25 @@ def test_http_driver__form_body_with_signature_template_and_variables_fields(
         "tpl": "T100",
         "params": json.dumps(VARS, ensure_ascii=False),
     }
+
+
+def test_integrity_alarm__queued_to_each_administrator_once(
+    settings: Settings, archives: list[Archive], platform: SmsPlatform
+) -> None:
+    from cloudfilm.storage import alarms
+    from cloudfilm.storage.monitor import Severity
+
+    admins = [{"channel": "sms", "to": PHONE}, {"channel": "sms", "to": "13900001111"}]
+    archive = _archive(settings, archives, **sms_settings(platform, alarm_recipients=admins))
+    message = "2 个对象在所有副本上都已损坏 · 2 objects damaged on every copy"
+    for _ in range(2):  # the second raise finds the alarm active: no new message
+        alarms.raise_alarm(archive.db, alarms.IntegrityAlarm.OBJECT_DAMAGED, Severity.CRITICAL,
+                           alarms.INTEGRITY_SUBJECT, message)  # fmt: skip
+    with archive.db.read_session() as session:
+        rows = session.scalars(select(Notification).order_by(Notification.id)).all()
+    assert [(r.template, r.object_type) for r in rows] == [("storage-alarm", "alarm")] * 2
+    dispatcher = service.Dispatcher(archive)
+    assert dispatcher.run_once() == 2
+    dispatcher.close()
+    assert sorted(r.json()["mobile"] for r in platform.received) == [PHONE, "13900001111"]
+    assert all(message in r.json()["content"] for r in platform.received)

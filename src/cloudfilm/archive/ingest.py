@@ -37,6 +37,7 @@ from cloudfilm.config import Codec, Settings
 from cloudfilm.db import Database
 from cloudfilm.errors import InvalidDicom, StorageFull, StorageUnavailable
 from cloudfilm.storage import StorageBackend, codecs, new_key, open_storage
+from cloudfilm.storage.alarms import ALARM_HOOKS
 from cloudfilm.storage.mirror import MirroredBackend
 from cloudfilm.storage.monitor import ArchiveTotals, StorageMonitor
 from cloudfilm.storage.tiers import ONLINE, TieredStorage, online_backend
@@ -110,6 +111,8 @@ class Archive:
             from cloudfilm.notify.alarms import notify_alarm
 
             self.monitor.on_raised.append(notify_alarm)
+        # Integrity alarms (mirror, scrub) raised outside the monitor run the same hooks.
+        self.db.info[ALARM_HOOKS] = self.monitor.on_raised
         self.limits = IngestLimits(
             max_object_bytes=settings.ingest.max_object_bytes,
             max_frame_pixels=settings.ingest.max_frame_pixels,

@@ -9,8 +9,10 @@ every alarm on its own subjects that it did not raise itself.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import cast
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -75,9 +77,27 @@ def raise_alarm(
         except IntegrityError:
             return False  # another process raised it first: once per condition
         _audit_alarm(session, alarm, raised=True)
+        _run_hooks(db, session, alarm)
     log = logger.error if severity is Severity.CRITICAL else logger.warning
     log("alarm raised: %s", message)
     return True
+
+
+#: Key of ``Database.info`` holding the callables run for each alarm raised here, in the
+#: transaction that records it (the archive puts its monitor's ``on_raised`` list there:
+#: the notification outbox queues the administrators' messages).
+ALARM_HOOKS = "alarm_hooks"
+
+
+def _run_hooks(db: Database, session: Session, alarm: Alarm) -> None:
+    hooks = cast("list[Callable[[Session, Alarm], object]]", db.info.get(ALARM_HOOKS) or [])
+    for hook in list(hooks):
+        try:
+            with session.begin_nested():
+                hook(session, alarm)
+        except Exception:
+            # The alarm stands even when its notification cannot be queued.
+            logger.exception("alarm hook failed")
 
 
 def clear_alarm(db: Database, kind: IntegrityAlarm, subject: str) -> bool:
