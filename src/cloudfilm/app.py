@@ -50,6 +50,7 @@ from cloudfilm.errors import (
     StorageUnavailable,
 )
 from cloudfilm.fhir.router import router as fhir_router
+from cloudfilm.kiosk.router import router as kiosk_router
 from cloudfilm.mpi.router import router as mpi_router
 from cloudfilm.notify.router import router as notify_router
 from cloudfilm.ohif import router as ohif_router
@@ -153,6 +154,7 @@ def create_app(archive: Archive, *, clock: Clock | None = None) -> FastAPI:
     app.include_router(archive_router)
     app.include_router(tiers_router)
     app.include_router(mpi_router)
+    app.include_router(kiosk_router)
     app.include_router(notify_router)
     app.include_router(webservice_router)
     _install_error_handlers(app)

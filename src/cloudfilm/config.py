@@ -1211,6 +1211,38 @@ class ReportSettings(_Section):
     viewers and workstations show it."""
 
 
+class ReprintPolicy(StrEnum):
+    ALLOWED = "allowed"
+    """Reprints need no approval, up to ``kiosk.max_reprints`` more."""
+    STAFF_APPROVAL = "staff-approval"
+    """Each reprint needs a staff member's approval (``kiosk:approve``)."""
+    NEVER = "never"
+    """No reprint at a kiosk: the patient asks at the counter."""
+
+
+class KioskSettings(_Section):
+    max_prints: int = Field(default=1, ge=1, le=20)
+    """Prints of one report version a kiosk may make on its own (a corrected report is a
+    new version and starts again at 0). Raise it if patients need copies for several
+    clinics."""
+
+    reprint: ReprintPolicy = ReprintPolicy.STAFF_APPROVAL
+    """What happens once ``max_prints`` is reached: ``allowed`` (up to ``max_reprints``
+    more without asking), ``staff-approval`` (one more print per approval by a user with
+    ``kiosk:approve``) or ``never``."""
+
+    max_reprints: int = Field(default=2, ge=1, le=20)
+    """Reprints beyond ``max_prints`` under ``reprint = "allowed"``."""
+
+    ticket_minutes: int = Field(default=10, ge=1, le=10)
+    """Minutes a kiosk ticket (the answer to a scan or card read) stays valid; at most 10:
+    the patient stands at the kiosk."""
+
+    medical_card_authority: str = ""
+    """Assigning authority (PID-3 CX.4) of the hospital's medical cards; empty: a medical
+    card number is looked up under any authority (two holders: no match)."""
+
+
 class NotifyChannel(StrEnum):
     SMS = "sms"
     """A text message through the SMS platform (``notify.sms_driver``)."""
@@ -1528,6 +1560,8 @@ class Settings(BaseSettings):
     """SMS and WeChat notifications: channels, drivers, templates, send limits, retries."""
     reports: ReportSettings = Field(default_factory=ReportSettings)
     """Report PDFs (header, QR code, key images) and release rules."""
+    kiosk: KioskSettings = Field(default_factory=KioskSettings)
+    """Self-service printing kiosks: prints per report, reprint policy, ticket lifetime."""
 
     @classmethod
     def settings_customise_sources(

@@ -126,6 +126,15 @@ def _default(request: Request) -> Note:
     return Note(event, action, "http", path[-128:], None, study.group(1) if study else None)
 
 
+#: Refusals a route notes itself: kept as the record's event type on a 401/403.
+_OWN_REFUSALS = frozenset({AuditEventType.KIOSK_REFUSED})
+
+
+def _no_nul(text: str) -> str:
+    # A path may carry %00; PostgreSQL text cannot hold NUL, and the record must be written.
+    return text.replace("\x00", "\\x00")
+
+
 def _outcome(status: int) -> AuditOutcome:
     if status < 400:
         return AuditOutcome.SUCCESS
@@ -148,7 +157,9 @@ def _fields(request: Request, status: int) -> dict[str, Any]:
     default = _default(request)
     described = found or default
     event = described.event_type
-    if status == 401:
+    if event in _OWN_REFUSALS:
+        pass  # the route refused on its own terms and said so (reprint not allowed, ...)
+    elif status == 401:
         event = AuditEventType.AUTHENTICATION_FAILED
     elif status == 403:
         event = AuditEventType.ACCESS_DENIED
@@ -162,10 +173,10 @@ def _fields(request: Request, status: int) -> dict[str, Any]:
         "action": described.action,
         "outcome": _outcome(status),
         "object_type": described.object_type or "http",
-        "object_id": (described.object_id or request.url.path)[-128:],
+        "object_id": _no_nul(described.object_id or request.url.path)[-128:],
         "patient_id": described.patient_id,
         "study_instance_uid": described.study_instance_uid or default.study_instance_uid,
-        "message": f"{request.method} {request.url.path[:900]} -> {status}",
+        "message": f"{request.method} {_no_nul(request.url.path[:900])} -> {status}",
         "detail": detail,
     }
 

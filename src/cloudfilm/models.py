@@ -24,6 +24,7 @@ from cloudfilm.auth.models import (
 from cloudfilm.billing.models import Charge, HisChargeLine, ImportBatch
 from cloudfilm.db import Base
 from cloudfilm.hl7.models import HL7Message
+from cloudfilm.kiosk.models import KioskPrint, KioskReprintApproval
 from cloudfilm.mpi.models import Person, PersonHistory, PersonIdentifier, PersonMerge
 from cloudfilm.notify.models import Notification
 from cloudfilm.orders.models import Encounter, ImagingOrder, OrderStatusChange
@@ -48,6 +49,8 @@ __all__ = [
     "ImagingOrder",
     "Instance",
     "InstanceMetadata",
+    "KioskPrint",
+    "KioskReprintApproval",
     "MirrorPending",
     "Notification",
     "OrderStatusChange",

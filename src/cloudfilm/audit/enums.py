@@ -79,6 +79,9 @@ class AuditEventType(StrEnum):
     """A kiosk confirmed that it printed a report (``detail``: print count)."""
     KIOSK_REFUSED = "kiosk-refused"
     """A kiosk request was refused (unregistered kiosk, reprint not allowed, not released)."""
+    KIOSK_REPRINT_APPROVED = "kiosk-reprint-approved"
+    """A staff member allowed one more kiosk print of a report (reprint policy
+    ``staff-approval``)."""
     INSTANCES_DELETED = "instances-deleted"
     """Objects taken out of the index into the recycle bin (``detail`` has the deletion)."""
     INSTANCES_RESTORED = "instances-restored"

@@ -95,6 +95,11 @@ EVENT_CODES: dict[str, tuple[Code, Code | None]] = {
     AuditEventType.NOTIFICATION_GIVEN_UP: (_APPLICATION_ACTIVITY, None),
     AuditEventType.NOTIFICATION_REFUSED: (_APPLICATION_ACTIVITY, None),
     AuditEventType.NOTIFICATION_RECEIPT: (_APPLICATION_ACTIVITY, None),
+    AuditEventType.KIOSK_LOOKUP: (Code("110112", "Query"), None),
+    # PS3.15 A.5.3.6: printing to paper is an Export of patient data.
+    AuditEventType.KIOSK_PRINTED: (Code("110106", "Export"), None),
+    AuditEventType.KIOSK_REFUSED: (_SECURITY_ALERT, Code("110132", "Use of Restricted Function")),
+    AuditEventType.KIOSK_REPRINT_APPROVED: (_PATIENT_RECORD, None),
     AuditEventType.RETRIEVE: (_INSTANCES_TRANSFERRED, None),
     AuditEventType.QUERY: (Code("110112", "Query"), None),
     AuditEventType.ASSOCIATION_REJECTED: (_SECURITY_ALERT, Code("110126", "Node Authentication")),

@@ -50,10 +50,21 @@ class Permission(StrEnum):
     NOTIFY_READ = "notify:read"
     """List the SMS and WeChat messages sent, their state and delivery receipts, recipients
     masked (system administrator)."""
+    KIOSK_PRINT = "kiosk:print"
+    """Be a self-service printing kiosk: look patients up by QR code or card, print their
+    released reports. Only for integration clients (a registered kiosk), never for a role:
+    it would let a person print anyone's report by typing a card number."""
+    KIOSK_APPROVE = "kiosk:approve"
+    """Allow one more kiosk print of a report (reprint policy ``staff-approval``)."""
 
     @property
     def label(self) -> str:
         return _LABELS[self]
+
+    @property
+    def client_only(self) -> bool:
+        """Held only by integration clients (devices), never granted to a role."""
+        return self in CLIENT_ONLY
 
     @property
     def duty(self) -> Duty | None:
@@ -80,6 +91,8 @@ _LABELS = {
     Permission.PATIENT_READ: "患者主索引查询 Look up patients",
     Permission.PATIENT_MERGE: "患者合并与拆分 Merge patients",
     Permission.NOTIFY_READ: "消息通知记录 Notification log",
+    Permission.KIOSK_PRINT: "自助打印机 Self-service printing kiosk",
+    Permission.KIOSK_APPROVE: "自助打印补打审批 Approve kiosk reprints",
 }
 
 _RESERVED = {
@@ -92,3 +105,6 @@ _RESERVED = {
     Permission.AUDIT_READ: Duty.AUDIT,
     Permission.AUDIT_EXPORT: Duty.AUDIT,
 }
+
+#: Permissions of devices: an integration client may hold them, a role may not.
+CLIENT_ONLY = frozenset({Permission.KIOSK_PRINT})

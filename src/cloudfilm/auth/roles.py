@@ -114,8 +114,15 @@ class RoleSpec(BaseModel):
     access: AccessRule = Field(default_factory=AccessRule)
 
     def check_duty(self) -> None:
-        """Permissions reserved to an administrator duty go only to roles of that duty."""
+        """Permissions reserved to an administrator duty go only to roles of that duty;
+        permissions of devices (``kiosk:print``) go to no role."""
         for permission in self.permissions:
+            if permission.client_only:
+                raise Conflict(
+                    f"权限 {permission.value} 只能授予接口客户端（如自助打印机），不能授予角色 · "
+                    f"{permission.value} is for integration clients (devices such as "
+                    "kiosks), not for roles"
+                )
             if permission.duty is not None and permission.duty != self.duty:
                 raise Conflict(
                     f"权限 {permission.value} 只能授予{_DUTY_ZH[permission.duty]}角色 · "
@@ -198,6 +205,7 @@ BUILTIN_ROLES = (
             Permission.STUDY_STORE,
             Permission.ARCHIVE_STATS,
             Permission.PATIENT_READ,
+            Permission.KIOSK_APPROVE,
         ],
         data_scope=_ALL,
     ),

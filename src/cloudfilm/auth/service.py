@@ -39,6 +39,9 @@ CLIENT_SCOPES = frozenset(
         Permission.PATIENT_MERGE,
     }
 )
+#: A kiosk's one scope: asked for explicitly (``--scope kiosk:print``), never by default,
+#: and never together with another scope (a device in the lobby reads no studies).
+KIOSK_SCOPES = frozenset({Permission.KIOSK_PRINT})
 
 
 def token_hash(token: str) -> str:
@@ -54,9 +57,13 @@ def _scopes(values: Iterable[str]) -> list[Permission]:
             permission = Permission(value)
         except ValueError:
             raise Conflict(f"unknown scope {value!r}") from None
-        if permission not in CLIENT_SCOPES:
+        if permission not in CLIENT_SCOPES | KIOSK_SCOPES:
             raise Conflict(f"scope {value!r} cannot be given to an integration client")
         result.append(permission)
+    if KIOSK_SCOPES & set(result) and not set(result) <= KIOSK_SCOPES:
+        raise Conflict(
+            "自助打印机客户端只能持有 kiosk:print · a kiosk client holds kiosk:print alone"
+        )
     return sorted(set(result))
 
 
