@@ -125,8 +125,37 @@ def test_api__finance_imports_reconciles_exports(server: LiveServer) -> None:
     assert book["金额不符 Amount mismatch"]["H2"].value == 10.0
 
     for event_type in ("billing-imported", "billing-reconciled", "billing-exported"):
-        [event] = _events(server.archive, event_type)
+        [event] = _events(server.archive, event_type)  # one record per request (G1)
         assert event.actor_id == "cashier" and event.outcome == 0
+    [imported_event] = _events(server.archive, "billing-imported")
+    assert imported_event.detail["kept"] == 3 and imported_event.object_id == str(body["batch_id"])
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_api__upload_over_the_limit_refused(make_archive: MakeArchive) -> None:
+    archive = make_archive(import_max_bytes=1024)
+    clock = MovableClock()
+    app = create_app(archive, clock=clock)
+    port = free_port()
+    uv = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    )
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    try:
+        while not uv.started:
+            time.sleep(0.02)
+        server = LiveServer(f"http://127.0.0.1:{port}", archive, "", app.state.accounts, clock)
+        make_user(server, "cashier", ["finance"])
+        big = CSV.encode() + b"ACC,P,CF001,1,X,2026-11-20\r\n" * 4000
+        response = httpx.post(f"{server.url}/api/billing/imports", content=big,
+                              headers=signed_in(server, "cashier"))  # fmt: skip
+        assert response.status_code == 400 and "import_max_bytes" in response.json()["message"]
+        [refused] = _events(archive, "billing-import-refused")
+        assert refused.detail["reason"] == "too large"
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=10)
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)

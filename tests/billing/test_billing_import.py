@@ -226,3 +226,25 @@ def test_dft_over_mllp__lines_kept_once(listener: tuple[Archive, HL7Listener]) -
     with archive.db.read_session() as session:
         [batch] = session.scalars(select(ImportBatch)).all()
         assert batch.file_format == "hl7" and batch.line_count == 2
+
+
+def test_import__zip_bomb_refused(make_archive: MakeArchive) -> None:
+    archive = make_archive()
+    book = Workbook()
+    book.active.append(HEADER)
+    out = io.BytesIO()
+    book.save(out)
+    # The same workbook with one more member that unpacks to 200 MB of zeros.
+    import zipfile
+
+    bomb = io.BytesIO()
+    with (
+        zipfile.ZipFile(io.BytesIO(out.getvalue())) as source,
+        zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as target,
+    ):
+        for item in source.infolist():
+            target.writestr(item, source.read(item.filename))
+        target.writestr("xl/media/padding.bin", b"\x00" * (200 * 1024 * 1024))
+    assert len(bomb.getvalue()) < 1024 * 1024
+    with pytest.raises(ImportRefused, match="unpacks to"):
+        _run(archive, bomb.getvalue(), "bomb.xlsx")

@@ -196,3 +196,17 @@ def test_reconcile__empty_item_code_takes_every_line(make_archive: MakeArchive) 
             session, billing=archive.settings.billing, first_day=FIRST, last_day=FIRST
         )
     assert result.counts()["matched"] == 1 and len(result.rows) == 1
+
+
+def test_to_xlsx__his_text_is_never_a_formula(make_archive: MakeArchive) -> None:
+    archive = make_archive(enabled=True, price="20.00")
+    deliver(archive, "9.2", accession="=1+1", department='=HYPERLINK("http://x","y")',
+            at=datetime(2026, 11, 10, 2, tzinfo=UTC))  # fmt: skip
+    with archive.db.read_session() as session:
+        result = reconcile(
+            session, billing=archive.settings.billing, first_day=FIRST, last_day=FIRST
+        )
+    book = load_workbook(io.BytesIO(to_xlsx(result)))
+    sheet = book["已交付未收费 Delivered not charged"]
+    assert sheet["C2"].value == "=1+1" and sheet["C2"].data_type == "s"
+    assert sheet["B2"].data_type == "s"

@@ -51,6 +51,10 @@ _FORMATS = (
 )
 
 
+#: An XLSX may unpack to at most this many times its size (at least 1 MiB × this).
+UNPACKED_FACTOR = 100
+
+
 class ImportRefused(BadRequest):
     """The whole file is refused (not CSV/XLSX, truncated, no usable header, too large)."""
 
@@ -260,8 +264,16 @@ def _xlsx_rows(data: bytes) -> Iterator[tuple[int, list[Any]]]:
 
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            if archive.testzip() is not None or "xl/workbook.xml" not in archive.namelist():
+            if "xl/workbook.xml" not in archive.namelist():
                 raise zipfile.BadZipFile("no workbook")
+            unpacked = sum(info.file_size for info in archive.infolist())
+        if unpacked > UNPACKED_FACTOR * max(len(data), 1024 * 1024):
+            # A ZIP bomb: a few kB that unpack to gigabytes. A real charge list
+            # compresses about 5–10 times.
+            raise ImportRefused(
+                f"XLSX 文件解压后过大（{unpacked} 字节） · the XLSX file unpacks to {unpacked} "
+                "bytes, far more than a charge list"
+            )
         book = openpyxl.load_workbook(io.BytesIO(data), read_only=True, data_only=True)
     except (zipfile.BadZipFile, KeyError, OSError, ValueError, EOFError) as exc:
         raise ImportRefused(
@@ -294,8 +306,10 @@ def import_file(
     file_name: str,
     billing: BillingSettings,
     actor: Actor,
+    audited: bool = True,
 ) -> ImportResult:
-    """Read and keep a charge list; flush only, audited in the same transaction.
+    """Read and keep a charge list; flush only, audited in the same transaction (unless
+    ``audited`` is false: the HTTP edge's request record says it).
 
     Raises
     ------
@@ -321,4 +335,5 @@ def import_file(
         lines=parsed.lines,
         errors=parsed.errors,
         actor=actor,
+        audited=audited,
     )

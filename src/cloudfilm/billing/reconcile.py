@@ -364,6 +364,13 @@ def to_xlsx(result: Reconciliation) -> bytes:
                     row.study_instance_uid,
                 ]
             )
+    # Text from the HIS (a department, an accession number) that starts with "=" would
+    # become a formula: every cell we write is a value.
+    for sheet in book.worksheets:
+        for row in sheet.iter_rows():
+            for cell in row:
+                if cell.data_type == "f":
+                    cell.data_type = "s"
     out = io.BytesIO()
     book.save(out)
     return out.getvalue()

@@ -129,6 +129,15 @@ async def import_charge_list(
     archive = _archive(request)
     billing = archive.settings.billing
     name = file_name or ""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > billing.import_max_bytes + 65536:
+        too_large = {"bytes": int(declared), "reason": "too large"}
+        note(request, AuditEventType.BILLING_IMPORT_REFUSED, AuditAction.CREATE,
+             "billing-import", None, detail=too_large)  # fmt: skip
+        raise ImportRefused(
+            f"文件过大（上限 {billing.import_max_bytes} 字节） · the upload is larger than "
+            f"billing.import_max_bytes ({billing.import_max_bytes} bytes)"
+        )
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         form = await request.form(max_files=1, max_fields=4, max_part_size=billing.import_max_bytes)
@@ -148,7 +157,7 @@ async def import_charge_list(
     def run() -> dict[str, Any]:
         with archive.db.session() as session:
             return import_file(
-                session, data=data, file_name=name, billing=billing, actor=actor
+                session, data=data, file_name=name, billing=billing, actor=actor, audited=False
             ).as_dict()
 
     try:
@@ -158,7 +167,10 @@ async def import_charge_list(
              "billing-import", None,
              detail={"file_name": name[:255], "bytes": len(data), "reason": str(exc)})  # fmt: skip
         raise
-    # The import's own audit record (billing-imported) is written with the batch.
+    note(request, AuditEventType.BILLING_IMPORTED, AuditAction.CREATE, "billing-import",
+         str(result["batch_id"]),
+         detail={k: result[k] for k in ("batch_id", "file_name", "format", "kept",
+                                        "rejected")})  # fmt: skip
     return JSONResponse(result, status_code=201)
 
 

@@ -161,7 +161,7 @@ class Sender:
         if settings.http_token is not None:
             headers["Authorization"] = f"Bearer {settings.http_token.get_secret_value()}"
         body: dict[str, Any] = charge_dict(charge)
-        for private in ("state", "attempts", "last_error", "person_id"):
+        for private in ("state", "attempts", "last_error"):
             body.pop(private)
         try:
             response = httpx.post(

@@ -305,7 +305,6 @@ def charge_dict(charge: Charge) -> dict[str, Any]:
         "reverses_id": charge.reverses_id,
         "study_instance_uid": charge.study_instance_uid,
         "accession_number": charge.accession_number,
-        "person_id": charge.person_id,
         "patient_id": charge.patient_id,
         "department": charge.department,
         "modality": charge.modality,
@@ -377,9 +376,11 @@ def save_import(
     lines: list[HisLine],
     errors: list[LineError],
     actor: Actor,
+    audited: bool = True,
 ) -> ImportResult:
-    """Keep a read charge list (its good lines, its errors) as one batch; audited. The
-    same bytes imported twice are refused (:class:`Conflict`): a list counts once."""
+    """Keep a read charge list (its good lines, its errors) as one batch, audited unless
+    ``audited`` is false (an HTTP request, whose one audit record the middleware writes).
+    The same bytes imported twice are refused (:class:`Conflict`): a list counts once."""
     earlier = session.scalar(select(ImportBatch.id).where(ImportBatch.sha256 == sha256))
     if earlier is not None:
         raise Conflict(
@@ -413,6 +414,8 @@ def save_import(
     )
     session.flush()
     result = ImportResult(batch.id, batch.file_name, file_format, len(lines), errors)
+    if not audited:
+        return result
     audit.record(
         session=session,
         actor=actor,
