@@ -140,3 +140,30 @@ def test_record_withdrawal__reversal_never_delete(make_archive: MakeArchive) -> 
     assert [(c.kind, c.seq) for c in charges(archive)] == [
         ("charge", 1), ("reversal", 1), ("charge", 2)
     ]  # fmt: skip
+
+
+def test_record_delivery__concurrent_deliveries_one_charge(make_archive: MakeArchive) -> None:
+    """Eight processes' worth of simultaneous deliveries of one exam (the portal's first
+    views racing): one charge, the same id for all."""
+    import threading
+
+    archive = make_archive(enabled=True, price="20.00", charge_event="first-view")
+    barrier = threading.Barrier(8)
+    found: list[int | None] = []
+    errors: list[BaseException] = []
+
+    def view() -> None:
+        try:
+            barrier.wait(timeout=10)
+            found.append(deliver(archive, "8.1", event="first-view"))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=view) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    assert len(found) == 8 and len(set(found)) == 1 and found[0] is not None
+    assert len(charges(archive)) == 1
