@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
 from cloudfilm.archive.names import has_han
@@ -38,7 +38,7 @@ from cloudfilm.mpi.keys import keys_of
 from cloudfilm.mpi.models import Person, PersonIdentifier
 from cloudfilm.orders.service import LOCAL_ZONE
 from cloudfilm.reports.models import Document, DocumentKind, Report, ReportStatus, ReportVersion
-from cloudfilm.reports.service import current_document, is_released
+from cloudfilm.reports.service import is_released
 from cloudfilm.sharing import tokens
 from cloudfilm.storage.base import StorageBackend
 
@@ -251,57 +251,56 @@ def _card_person(session: Session, settings: Settings, card_type: str, number: s
 # ---------------------------------------------------------------- what
 
 
-def _candidates(session: Session, subject: Subject, now: datetime) -> list[Report]:
-    query = select(Report).where(
-        Report.status.in_(_APPROVED),
-        Report.withdrawn_at.is_(None),
-        Report.released_at.is_not(None),
-        Report.released_at <= now,
-        Report.render_pending.is_(False),
+_PRINTS = (
+    select(func.count(KioskPrint.id))
+    .where(KioskPrint.document_id == Document.id)
+    .correlate(Document)
+    .scalar_subquery()
+)
+_APPROVALS = (
+    select(func.count(KioskReprintApproval.id))
+    .where(KioskReprintApproval.document_id == Document.id)
+    .correlate(Document)
+    .scalar_subquery()
+)
+
+
+def printable_reports(session: Session, subject: Subject, now: datetime) -> list[Printable]:
+    """The reports ``subject`` may have printed: released, with the current version's PDF
+    rendered; newest release first, at most :data:`MAX_REPORTS`. One query: report, its
+    current version, the PDF of that version and its print and approval counts."""
+    query = (
+        select(Report, ReportVersion, Document, _PRINTS, _APPROVALS)
+        .join(ReportVersion, ReportVersion.id == Report.current_version_id)
+        # The PDF of the *current* version: while a correction is being rendered the
+        # report is not printable (never print the superseded text).
+        .join(
+            Document,
+            and_(
+                Document.report_id == Report.id,
+                Document.report_version_id == Report.current_version_id,
+                Document.kind == DocumentKind.REPORT_PDF.value,
+                Document.status == "current",
+            ),
+        )
+        .where(
+            Report.status.in_(_APPROVED),
+            Report.withdrawn_at.is_(None),
+            Report.released_at.is_not(None),
+            Report.released_at <= now,
+            Report.render_pending.is_(False),
+        )
     )
     if subject.kind == "person":
         query = query.where(Report.person_id.in_(_person_ids(session, subject.id)))
     else:
         query = query.where(Report.id == subject.id)
-    return list(
-        session.scalars(query.order_by(Report.released_at.desc(), Report.id.desc()).limit(200))
-    )
-
-
-def _counts(session: Session, model: Any, document_ids: list[int]) -> dict[int, int]:
-    if not document_ids:
-        return {}
-    rows = session.execute(
-        select(model.document_id, func.count())
-        .where(model.document_id.in_(document_ids))
-        .group_by(model.document_id)
-    )
-    return {int(doc): int(count) for doc, count in rows}
-
-
-def printable_reports(session: Session, subject: Subject, now: datetime) -> list[Printable]:
-    """The reports ``subject`` may have printed: released, with the current version's PDF
-    rendered; newest release first, at most :data:`MAX_REPORTS`."""
-    found: list[Printable] = []
-    for report in _candidates(session, subject, now):
-        if not is_released(report, now) or report.current_version_id is None:
-            continue
-        doc = current_document(session, report.id, DocumentKind.REPORT_PDF)
-        if doc is None or doc.report_version_id != report.current_version_id:
-            continue  # the current version is not rendered yet: never print an old one
-        version = session.get(ReportVersion, report.current_version_id)
-        if version is None:
-            continue
-        found.append(Printable(report, version, doc))
-        if len(found) >= MAX_REPORTS:
-            break
-    ids = [p.document.id for p in found]
-    prints = _counts(session, KioskPrint, ids)
-    approvals = _counts(session, KioskReprintApproval, ids)
-    for item in found:
-        item.prints = prints.get(item.document.id, 0)
-        item.approvals = approvals.get(item.document.id, 0)
-    return found
+    query = query.order_by(Report.released_at.desc(), Report.id.desc()).limit(MAX_REPORTS)
+    return [
+        Printable(report, version, doc, int(prints or 0), int(approvals or 0))
+        for report, version, doc, prints, approvals in session.execute(query)
+        if is_released(report, now)
+    ]
 
 
 def _name_of(session: Session, subject: Subject, reports: list[Printable]) -> str:
