@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -249,6 +250,13 @@ class LiveServer:
 def live_server(archive: Archive) -> Iterator[LiveServer]:
     """The HTTP application on a loopback port (uvicorn in a thread), with a client token
     and a clock the test can move."""
+    with serving(archive) as server:
+        yield server
+
+
+@contextmanager
+def serving(archive: Archive) -> Iterator[LiveServer]:
+    """:func:`live_server` for an archive the test made itself (other settings)."""
     import threading
     import time
 
@@ -270,9 +278,11 @@ def live_server(archive: Archive) -> Iterator[LiveServer]:
         if time.monotonic() > deadline:
             raise AssertionError("uvicorn did not start")
         time.sleep(0.02)
-    yield LiveServer(f"http://127.0.0.1:{port}", archive, token, app.state.accounts, clock)
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield LiveServer(f"http://127.0.0.1:{port}", archive, token, app.state.accounts, clock)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def client_token(archive: Archive, clock: Clock, name: str = "pytest") -> str:

@@ -54,6 +54,8 @@ from cloudfilm.kiosk.router import router as kiosk_router
 from cloudfilm.mpi.router import router as mpi_router
 from cloudfilm.notify.router import router as notify_router
 from cloudfilm.ohif import router as ohif_router
+from cloudfilm.reports.router import router as reports_router
+from cloudfilm.sharing.router import router as portal_router
 from cloudfilm.soap.router import router as webservice_router
 from cloudfilm.storage.router import router as storage_router
 
@@ -157,6 +159,8 @@ def create_app(archive: Archive, *, clock: Clock | None = None) -> FastAPI:
     app.include_router(kiosk_router)
     app.include_router(notify_router)
     app.include_router(webservice_router)
+    app.include_router(reports_router)
+    app.include_router(portal_router)
     _install_error_handlers(app)
     app.add_middleware(httpaudit.AuditMiddleware, archive=archive, audited=audited)
     _install_headers(app, archive)

@@ -171,6 +171,7 @@ def serve(
     from cloudfilm.billing import sender as billing
     from cloudfilm.dimse.server import DIMSEServer
     from cloudfilm.notify import service as notify
+    from cloudfilm.reports import worker as report_worker
     from cloudfilm.storage.monitor import MonitorLoop
 
     archive = _open_archive(settings, migrate=False)
@@ -203,6 +204,7 @@ def serve(
     background.enter_context(recompress.running(archive))
     background.enter_context(billing.running(archive))  # charges to the HIS (billing.delivery)
     background.enter_context(notify.running(archive))  # the SMS / WeChat outbox
+    background.enter_context(report_worker.running(archive))  # report PDFs and releases
     tier_runner = None
     if settings.tiers.backends:  # migration and recall jobs, the planner in its windows
         from cloudfilm.archive.tiering import TierRunner

@@ -1210,6 +1210,14 @@ class ReportSettings(_Section):
     """Also store each report PDF as a DICOM Encapsulated PDF in its study, so that DICOM
     viewers and workstations show it."""
 
+    notify_registration: bool = False
+    """Send the patient an SMS with the exam's link when the exam is registered (HL7
+    ORM/OMI, FHIR ServiceRequest), if they have a phone on file and SMS is enabled
+    (``notify.channels``)."""
+
+    notify_release: bool = True
+    """Send the patient an SMS with the exam's link when its report is released."""
+
 
 class ReprintPolicy(StrEnum):
     ALLOWED = "allowed"

@@ -95,6 +95,15 @@ def _sqlite_on_begin(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
 
+def settings_of(session: Session) -> Settings:
+    """The settings of the database ``session`` belongs to (``Database.info``): domain code
+    that needs the application secret, or a section of the settings, finds them here."""
+    settings = session.info.get("settings")
+    if not isinstance(settings, Settings):
+        raise RuntimeError("this session carries no settings: open it with Database.session()")
+    return settings
+
+
 class Database:
     """The engine and the two session factories of one process."""
 

@@ -15,6 +15,7 @@ from sqlalchemy import ColumnElement, and_, exists, or_, select
 from sqlalchemy.orm import Session
 
 from cloudfilm.archive.models import Study
+from cloudfilm.db import settings_of
 from cloudfilm.errors import NotFound
 from cloudfilm.orders.models import (
     Encounter,
@@ -176,6 +177,9 @@ def save_order(
     before = None if created else order.status
     if created:
         _history(session, order, None, control, source, moment)
+        from cloudfilm.sharing.notices import on_registered  # sharing builds on orders
+
+        on_registered(session, order, settings_of(session))
     elif status is not None and status.value != order.status:
         current = OrderStatus(order.status)
         terminal = current in (OrderStatus.COMPLETED, OrderStatus.CANCELLED)

@@ -7,32 +7,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cloudfilm.billing import service as billing
 from cloudfilm.config import Settings
-from cloudfilm.mpi.keys import keys_of
-from cloudfilm.mpi.models import PersonIdentifier
-from cloudfilm.mpi.service import PHONE
 from cloudfilm.notify import service as notify
 from cloudfilm.orders.models import ImagingOrder
 from cloudfilm.reports.models import Report, ReportVersion
 from cloudfilm.reports.service import resolve_study_uid
 from cloudfilm.sharing import tokens
-
-
-def phone_of(session: Session, person_id: int | None) -> str | None:
-    """The newest phone number the master index holds for the person, opened."""
-    if person_id is None:
-        return None
-    sealed = session.scalars(
-        select(PersonIdentifier.value_sealed)
-        .where(PersonIdentifier.person_id == person_id, PersonIdentifier.id_type == PHONE)
-        .order_by(PersonIdentifier.id.desc())
-        .limit(1)
-    ).first()
-    return keys_of(session).open(sealed) if sealed else None
+from cloudfilm.sharing.notices import phone_of
 
 
 def on_release(
@@ -56,7 +40,7 @@ def on_release(
             exam_name=version.exam_name,
             at=now,
         )
-    phone = phone_of(session, report.person_id)
+    phone = phone_of(session, report.person_id) if settings.reports.notify_release else None
     if phone:
         token = tokens.issue(
             session,

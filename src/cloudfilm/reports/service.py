@@ -28,6 +28,7 @@ from cloudfilm.audit import service as audit
 from cloudfilm.audit.enums import AuditAction, AuditEventType
 from cloudfilm.billing import service as billing
 from cloudfilm.config import Settings
+from cloudfilm.db import settings_of
 from cloudfilm.errors import BadRequest, Conflict, NotFound
 from cloudfilm.orders import service as orders
 from cloudfilm.orders.models import ImagingOrder
@@ -96,13 +97,6 @@ def _aware(moment: datetime | None) -> datetime | None:
     if moment is None:
         return None
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-def _settings(session: Session) -> Settings:
-    settings = session.info.get("settings")
-    if not isinstance(settings, Settings):
-        raise RuntimeError("this session carries no settings: open it with Database.session()")
-    return settings
 
 
 def _text(value: str, name: str, limit: int) -> str:
@@ -295,7 +289,7 @@ def submit(
             raise InvalidReport("报告 PDF 过大 · the report PDF is larger than 20 MB")
         if not data.source_pdf.startswith(b"%PDF-"):
             raise InvalidReport("附带的文件不是 PDF · the attached document is not a PDF")
-    settings = _settings(session)
+    settings = settings_of(session)
     report = find_report(session, accession_number=accession, study_instance_uid=study_uid)
     status, outcome = _next_status(report, data.status)
     order = _order_for(session, data)

@@ -38,3 +38,7 @@ class EntryToken(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    failed_checks: Mapped[int] = mapped_column(Integer, default=0)
+    """Identity checks failed in a row on this token (reset by a success)."""
+    locked_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """After too many failed checks, no check is accepted until then."""

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from cloudfilm.config import Settings
 from cloudfilm.crypto.keys import Sealer, application_secret
+from cloudfilm.db import settings_of
 from cloudfilm.mpi.keys import keys_of
 from cloudfilm.sharing.models import EntryToken
 
@@ -27,13 +28,6 @@ PORTAL_ENTRY_PATH = "/m/e/"
 @lru_cache(maxsize=8)
 def _sealer(secret: bytes) -> Sealer:
     return Sealer(secret, _PURPOSE)
-
-
-def _settings(session: Session) -> Settings:
-    settings = session.info.get("settings")
-    if not isinstance(settings, Settings):
-        raise RuntimeError("this session carries no settings: open it with Database.session()")
-    return settings
 
 
 def token_hash(token: str) -> str:
@@ -65,7 +59,7 @@ def issue(
 ) -> str:
     """The token of this report (or order) for ``purpose``: the existing live one, else a
     new one (flush only: it commits with the caller's transaction)."""
-    settings = _settings(session)
+    settings = settings_of(session)
     sealer = _sealer(application_secret(settings))
     query = select(EntryToken).where(EntryToken.purpose == purpose, EntryToken.revoked_at.is_(None))
     if report_id is not None:
