@@ -156,7 +156,10 @@ def test_kiosk__scan_print_and_reprint_policies(
     assert approved.status_code == 200, approved.text
     assert approved.json()["print_allowed"] is True
     one_record(server, before, "kiosk-reprint-approved", actor_id="desk", patient_id="P100")
-    assert _approve(server, staff, rid).status_code == 409
+    stacked = _approve(server, staff, rid)
+    assert stacked.status_code == 409 and stacked.json()["error"] == "conflict"
+    unknown = _approve(server, staff, 999_999)
+    assert unknown.status_code == 404 and unknown.json()["error"] == "report_not_printable"
     assert _pdf(server, kiosk, rid, ticket).status_code == 200
     assert _printed(server, kiosk, rid, ticket).json()["times_printed"] == 2
     assert _printed(server, kiosk, rid, ticket).status_code == 403

@@ -289,9 +289,16 @@ def reprint_approval(
                 session, report_id=report_id, by=staff.name, reason=reason, now=_now(request)
             )
         except (NotFound, Conflict, BadRequest) as exc:
+            status, code = (
+                (404, getattr(exc, "code", "report_not_printable"))
+                if isinstance(exc, NotFound)
+                else (409, "conflict")
+                if isinstance(exc, Conflict)
+                else (400, "invalid_request")
+            )
             note(request, AuditEventType.KIOSK_REPRINT_APPROVED, AuditAction.UPDATE, "report",
-                 str(report_id), detail={"refused": type(exc).__name__.lower()})  # fmt: skip
-            raise
+                 str(report_id), detail={"refused": code})  # fmt: skip
+            raise AuthError(status, code, str(exc)) from exc
         answer = {
             "report_id": report_id,
             "approval_id": row.id,
