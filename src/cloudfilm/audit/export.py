@@ -95,6 +95,15 @@ EVENT_CODES: dict[str, tuple[Code, Code | None]] = {
     AuditEventType.NOTIFICATION_GIVEN_UP: (_APPLICATION_ACTIVITY, None),
     AuditEventType.NOTIFICATION_REFUSED: (_APPLICATION_ACTIVITY, None),
     AuditEventType.NOTIFICATION_RECEIPT: (_APPLICATION_ACTIVITY, None),
+    # Reports are patient records (PS3.15 A.5.3.12); the report PDF's DICOM copy is
+    # audited as an instance stored; a download by the patient is an Export.
+    AuditEventType.REPORT_RECEIVED: (_PATIENT_RECORD, None),
+    AuditEventType.REPORT_RENDERED: (_PATIENT_RECORD, None),
+    AuditEventType.REPORT_RELEASED: (_PATIENT_RECORD, None),
+    AuditEventType.REPORT_READ: (_PATIENT_RECORD, None),
+    AuditEventType.LABEL_PRINTED: (Code("110106", "Export"), None),
+    AuditEventType.ENTRY_VERIFIED: (_USER_AUTHENTICATION, Code("110122", "Login")),
+    AuditEventType.ENTRY_REFUSED: (_USER_AUTHENTICATION, Code("110122", "Login")),
     AuditEventType.KIOSK_LOOKUP: (Code("110112", "Query"), None),
     # PS3.15 A.5.3.6: printing to paper is an Export of patient data.
     AuditEventType.KIOSK_PRINTED: (Code("110106", "Export"), None),
