@@ -21,10 +21,12 @@ from cloudfilm.reports.worker import ReportWorker
 from conftest import LiveServer
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "reports"))
+sys.path.insert(0, str(Path(__file__).parent.parent / "orders"))
 
 from report_messages import oru, pdf_page_png, qr_codes  # noqa: E402
+from test_orders_hl7 import order_message  # noqa: E402
 
-__all__ = ["oru"]
+__all__ = ["oru", "order_message", "qr_codes"]
 
 ID_CARD = "11010519491231002X"
 """A valid GB 11643 number (check character X)."""

@@ -18,7 +18,9 @@ from kiosk_helpers import (
     audit_since,
     current_pdf,
     one_record,
+    order_message,
     oru,
+    qr_codes,
     register_kiosk,
     render,
     report_id,
@@ -40,6 +42,7 @@ from cloudfilm.kiosk.models import KioskPrint
 from cloudfilm.kiosk.service import mask_name
 from cloudfilm.kiosk.tickets import Subject
 from cloudfilm.mpi import idcard
+from cloudfilm.orders.models import ImagingOrder
 from cloudfilm.reports.worker import ReportWorker
 from cloudfilm.sharing import tokens
 
@@ -199,6 +202,35 @@ def test_kiosk__scan_print_and_reprint_policies(
     assert len(rows) == 5
     assert {r.kiosk for r in rows} == {"kiosk-lobby-1"} and all(r.kiosk_client_id for r in rows)
     assert len({r.document_id for r in rows}) == 2  # four of version 1, one of version 2
+
+
+def test_kiosk__registration_label_opens_the_patients_reports(
+    live_server: LiveServer, listener: HL7Listener, tmp_path: Path
+) -> None:
+    """The QR label printed at registration (before any report) finds the same patient."""
+    server = live_server
+    send(listener, order_message("L1", placer="HIS700", filler="RIS700", accession="KSK700"))
+    with server.archive.db.read_session() as session:
+        order_id = session.scalars(
+            select(ImagingOrder.id).where(ImagingOrder.accession_number == "KSK700")
+        ).one()
+    label = httpx.get(f"{server.url}/api/orders/{order_id}/label.png", headers=server.headers)
+    assert label.status_code == 200, label.text
+    (tmp_path / "label.png").write_bytes(label.content)
+    [url] = qr_codes(tmp_path / "label.png")
+    kiosk = register_kiosk(server)
+
+    early = _lookup(server, kiosk, qr=url)
+    assert early.status_code == 200 and early.json()["reports"] == []
+    assert early.json()["message"].startswith("暂无可打印的报告")
+
+    send(listener, oru("L2", accession="KSK700", placer="HIS700", patient="P900", name="张三丰"))
+    render(server)
+    found = _lookup(server, kiosk, qr=url)
+    assert [r["id"] for r in found.json()["reports"]] == [report_id(server, "KSK700")]
+    assert found.json()["patient"]["name"] == "张*丰"
+    rid = report_id(server, "KSK700")
+    assert _pdf(server, kiosk, rid, found.json()["ticket"]).content.startswith(b"%PDF-")
 
 
 def test_kiosk__lookup_by_id_card_and_medical_card(

@@ -336,14 +336,19 @@ def lookup_qr(session: Session, *, scanned: str, kiosk: str, now: datetime | Non
     if entry is None:
         raise NothingToPrint(*UNKNOWN_CODE)
     person_id = entry.person_id
-    if person_id is None and entry.report_id is not None:
-        report = session.get(Report, entry.report_id)
+    report_id = entry.report_id
+    if report_id is None and entry.order_id is not None:  # a registration label
+        report_id = session.scalars(
+            select(Report.id).where(Report.order_id == entry.order_id).order_by(Report.id).limit(1)
+        ).first()
+    if person_id is None and report_id is not None:
+        report = session.get(Report, report_id)
         person_id = report.person_id if report is not None else None
     if person_id is not None:
         person = session.get(Person, person_id)
         subject = Subject("person", mpi.resolve(session, person).id if person else person_id)
-    elif entry.report_id is not None:
-        subject = Subject("report", entry.report_id)
+    elif report_id is not None:
+        subject = Subject("report", report_id)
     else:
         raise NothingToPrint(*NO_PRINTABLE_REPORT)
     return _lookup(session, subject, kiosk=kiosk, now=now, settings=settings)
