@@ -7,7 +7,8 @@ the caller owns the transaction), the parsed message and the stored row. A messa
 type has no handler keeps status ``received`` until one exists; ``cloudfilm hl7 replay``
 runs it then. ADT A01/A04/A08/A28/A31/A40 feed the patient master index
 (:mod:`cloudfilm.hl7.adt`), ORM^O01 and OMI^O23 the orders (:mod:`cloudfilm.hl7.orm`),
-ORU^R01 the reports (:mod:`cloudfilm.hl7.oru`).
+ORU^R01 the reports (:mod:`cloudfilm.hl7.oru`), DFT^P03 the HIS's charge lists for the
+billing reconciliation (:mod:`cloudfilm.hl7.dft`).
 """
 
 from __future__ import annotations
