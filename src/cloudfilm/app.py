@@ -49,6 +49,7 @@ from cloudfilm.errors import (
     StorageFull,
     StorageUnavailable,
 )
+from cloudfilm.fhir.diagnostic import router as fhir_reports_router
 from cloudfilm.fhir.router import router as fhir_router
 from cloudfilm.kiosk.router import router as kiosk_router
 from cloudfilm.mpi.router import router as mpi_router
@@ -146,6 +147,7 @@ def create_app(archive: Archive, *, clock: Clock | None = None) -> FastAPI:
     app.include_router(dicomweb_router)
     app.include_router(wado_uri_router)
     app.include_router(billing_router)
+    app.include_router(fhir_reports_router)  # before the FHIR router's catch-all routes
     app.include_router(fhir_router)
     app.include_router(auth_router)
     app.include_router(admin_router)

@@ -142,7 +142,10 @@ def test_metadata__public_capability_statement(live_server: LiveServer) -> None:
     body = get(live_server, "metadata", headers={})
     assert body["fhirVersion"] == "4.0.1"
     kinds = {r["type"]: r for r in body["rest"][0]["resource"]}
-    assert set(kinds) == {"Patient", "ImagingStudy", "AuditEvent", "ServiceRequest", "Encounter"}
+    assert set(kinds) == {
+        "Patient", "ImagingStudy", "AuditEvent", "ServiceRequest", "Encounter",
+        "DiagnosticReport", "Binary",
+    }  # fmt: skip
     assert {"identifier", "name", "birthdate", "_lastUpdated"} <= {
         p["name"] for p in kinds["Patient"]["searchParam"]
     }

@@ -272,6 +272,15 @@ _SEARCH_PARAMS: dict[str, list[tuple[str, str, str]]] = {
         ("code", "token", "The requested procedure (system|code)"),
         ("encounter", "reference", "The visit (Encounter/id)"),
     ],
+    "DiagnosticReport": [
+        ("_id", "token", "Logical id"),
+        ("identifier", "token", "Accession number (urn:cloudfilm:accession|value)"),
+        ("patient", "reference", "The patient (Patient/id)"),
+        ("subject", "reference", "The patient (Patient/id)"),
+        ("status", "token", "preliminary | final | corrected | entered-in-error"),
+        ("issued", "date", "When the report was approved, with prefixes"),
+        ("based-on", "reference", "The order (ServiceRequest/id)"),
+    ],
     "Encounter": [
         ("_id", "token", "Logical id"),
         ("identifier", "token", "Visit number (PV1-19)"),
@@ -304,7 +313,7 @@ def capability_statement(request: Request) -> dict[str, Any]:
         }
         if kind == "ImagingStudy":
             entry["searchInclude"] = ["ImagingStudy:subject", "ImagingStudy:patient"]
-        if kind == "ServiceRequest":
+        if kind in ("ServiceRequest", "DiagnosticReport"):
             entry["interaction"] += [{"code": "create"}, {"code": "update"}]
             entry["updateCreate"] = False
         resources.append(entry)
@@ -321,13 +330,13 @@ def capability_statement(request: Request) -> dict[str, Any]:
         "rest": [
             {
                 "mode": "server",
-                "documentation": "读取与检索；检查申请可创建与更新。Read and search-type; "
-                "ServiceRequest also create and update.",
+                "documentation": "读取与检索；检查申请与诊断报告可创建与更新。Read and "
+                "search-type; ServiceRequest and DiagnosticReport also create and update.",
                 "security": {
                     "description": "Bearer token of an integration client (POST /api/oauth/token)"
                     " or a signed-in session; data scopes of the caller's roles apply."
                 },
-                "resource": resources,
+                "resource": [*resources, {"type": "Binary", "interaction": [{"code": "read"}]}],
             }
         ],
     }

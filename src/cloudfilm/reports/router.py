@@ -79,7 +79,7 @@ def submit(body: ReportIn, request: Request, caller: Writer) -> dict[str, Any]:
 
 
 def _visible_report(session: Any, caller: Principal, report_id: int) -> Report:
-    report = session.get(Report, report_id)
+    report: Report | None = session.get(Report, report_id)
     if report is None:
         raise NotFound(f"报告 {report_id} 不存在 · no report {report_id}")
     scope = caller.study_scope

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 
 from cloudfilm.archive.ingest import Archive
 from cloudfilm.audit import service as audit
-from cloudfilm.audit.enums import AuditAction, AuditEventType
+from cloudfilm.audit.enums import ActorType, AuditAction, AuditEventType
 from cloudfilm.auth.guard import AuthError, Permit, client_address
 from cloudfilm.errors import CloudFilmError, NotFound, PermissionDenied
 from cloudfilm.reports.models import DocumentKind
@@ -30,7 +30,7 @@ def _archive(request: Request) -> Archive:
 
 
 def _patient(request: Request) -> audit.Actor:
-    return audit.Actor(audit.ActorType.ANONYMOUS, "patient", source=client_address(request))
+    return audit.Actor(ActorType.ANONYMOUS, "patient", source=client_address(request))
 
 
 class IdCardCheck(BaseModel):
