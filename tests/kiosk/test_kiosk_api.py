@@ -6,6 +6,8 @@ confirms the print; the reprint policy, tickets, refusals and the audit trail.""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -490,3 +492,38 @@ def test_kiosk__print_permission_is_for_kiosk_clients_only(archive: Archive) -> 
     assert mask_name("欧阳^娜娜") == "欧**娜" and mask_name("Zhang^San") == "Z**** S**"
     assert mask_name("") == "" and mask_name("王") == "*"
     assert timedelta(minutes=KioskSettings().ticket_minutes) <= timedelta(minutes=10)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)  # the CLI opens the data dir
+def test_kiosk__registered_and_revoked_with_the_cli(live_server: LiveServer) -> None:
+    server = live_server
+    data_dir = str(server.archive.settings.data_dir)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "cloudfilm", "client", *args, "--data-dir", data_dir],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    mixed = cli("create", "kiosk-mixed", "--scope", "kiosk:print", "--scope", "study:read")
+    assert mixed.returncode == 1 and "kiosk:print alone" in mixed.stdout + mixed.stderr
+    made = cli("create", "kiosk-cli", "--scope", "kiosk:print")
+    assert made.returncode == 0, made.stderr
+    secret = made.stdout.strip().splitlines()[-1]
+    assert secret.startswith("cfs_")
+    token = httpx.post(
+        f"{server.url}/api/oauth/token",
+        data={
+            "grant_type": "client_credentials",
+            "client_id": "kiosk-cli",
+            "client_secret": secret,
+        },
+    ).json()
+    assert token["scope"] == "kiosk:print"
+    kiosk = {"Authorization": f"Bearer {token['access_token']}"}
+    answer = _lookup(server, kiosk, qr="A" * 24)
+    assert answer.status_code == 404 and answer.json()["error"] == "unknown_code"
+    assert cli("disable", "kiosk-cli").returncode == 0
+    assert _lookup(server, kiosk, qr="A" * 24).status_code == 401
