@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -527,3 +529,30 @@ def test_kiosk__registered_and_revoked_with_the_cli(live_server: LiveServer) -> 
     assert answer.status_code == 404 and answer.json()["error"] == "unknown_code"
     assert cli("disable", "kiosk-cli").returncode == 0
     assert _lookup(server, kiosk, qr="A" * 24).status_code == 401
+
+
+def test_kiosk__simultaneous_confirmations_print_once(
+    live_server: LiveServer, listener: HL7Listener
+) -> None:
+    """Eight confirmations of one report at the same moment under max_prints = 1, never:
+    exactly one is recorded (the report row lock on PostgreSQL, the write lock on SQLite)."""
+    server = live_server
+    _policy(server, max_prints=1, reprint=ReprintPolicy.NEVER)
+    send(listener, oru("S1", accession="KSK600", patient="P600"))
+    render(server)
+    rid = report_id(server, "KSK600")
+    kiosk = register_kiosk(server)
+    with server.archive.db.session() as session:
+        token = tokens.issue(session, purpose="report", person_id=None, report_id=rid)
+    ticket = _lookup(server, kiosk, qr=token).json()["ticket"]
+    barrier = threading.Barrier(8)
+
+    def confirm() -> int:
+        barrier.wait()
+        return _printed(server, kiosk, rid, ticket).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = sorted(pool.map(lambda _: confirm(), range(8)))
+    assert statuses == [200] + [403] * 7
+    with server.archive.db.read_session() as session:
+        assert session.scalar(select(func.count()).select_from(KioskPrint)) == 1
