@@ -50,7 +50,7 @@ def message(kind: str, control_id: str, encoding: str = "utf-8", name: str = "�
     if kind == "ORU^R01":
         pdf = base64.b64encode(PDF).decode("ascii")
         segments += [
-            "OBR|1|ORD1|ACC1|CT001^胸部CT平扫|||20261128090000||||||||||||||||F",
+            "OBR|1|ORD1|ACC1|CT001^胸部CT平扫|||20261128090000||||||||||||||||||F",  # OBR-25
             "OBX|1|TX|RPT^报告||两肺纹理清晰，未见明显异常。||||||F",
             f"OBX|2|ED|PDF^报告PDF||^application^pdf^Base64^{pdf}||||||F",
         ]
@@ -124,9 +124,8 @@ def test_listener__day_of_messages_acked_after_store(
         assert row.raw.startswith(MAGIC)
         assert not any(name.encode(encoding) in row.raw for name in NAMES)
     assert {row.encoding for row in stored} == {encoding}
-    # ADT applied to the patient index, ORM to the orders; reports wait for their handler.
-    assert {row.status for row in stored if row.message_type[:3] in ("ADT", "ORM")} == {"processed"}
-    assert {row.status for row in stored if row.message_type.startswith("ORU")} == {"received"}
+    # ADT applied to the patient index, ORM to the orders, ORU to the reports.
+    assert {row.status for row in stored} == {"processed"}
     assert {row.message_type for row in stored} == set(DAY)
     with archive.db.read_session() as session:
         audited = session.scalar(

@@ -82,7 +82,10 @@ def test_handler__failure_recorded_then_replayed(archive: Archive) -> None:
     row = _take(archive, raw)
     broken = True
 
-    @handlers.register("ORU")
+    reports = handlers.handler_for("ORU^R01")
+    assert reports is not None
+
+    @handlers.register("ORU^R01")
     def report(*, session: Any, message: Any, record: HL7Message) -> None:  # noqa: ARG001
         if broken:
             raise RuntimeError("no order for this report")
@@ -92,7 +95,7 @@ def test_handler__failure_recorded_then_replayed(archive: Archive) -> None:
         broken = False
         assert process(archive.db, row.id) == "processed"
     finally:
-        handlers.unregister("ORU")
+        handlers.register("ORU^R01")(reports)
     with archive.db.read_session() as session:
         stored = session.scalars(select(HL7Message)).one()
         assert stored.status == "processed" and stored.error is None
@@ -102,7 +105,8 @@ def test_handler__failure_recorded_then_replayed(archive: Archive) -> None:
 
 
 def test_process__without_handler_stays_received(archive: Archive) -> None:
-    row = _take(archive, (MSH.format(cs="") + "PID|1\r").encode())
+    pending = MSH.replace("ORU^R01^ORU_R01", "ADT^A05^ADT_A05")  # no A05 handler (yet)
+    row = _take(archive, (pending.format(cs="") + "PID|1\r").encode())
     assert process(archive.db, row.id) == "received"
 
 
