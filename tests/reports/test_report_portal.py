@@ -25,7 +25,7 @@ from sqlalchemy import select
 from cloudfilm import migrations
 from cloudfilm.archive.ingest import Archive
 from cloudfilm.audit.models import AuditEvent
-from cloudfilm.config import NotifySettings, ReportSettings, Settings
+from cloudfilm.config import BillingSettings, NotifySettings, ReportSettings, Settings
 from cloudfilm.db import Database
 from cloudfilm.notify.service import Dispatcher
 from cloudfilm.orders.models import ImagingOrder
@@ -56,6 +56,7 @@ def site(settings: Settings, platform: SmsPlatform) -> Iterator[LiveServer]:
         update={
             "notify": NotifySettings(**sms_settings(platform)),
             "reports": ReportSettings(notify_registration=True),
+            "billing": BillingSettings(enabled=True, charge_event="first-view", price="8.00"),
         }
     )
     db = Database(configured)
@@ -83,6 +84,13 @@ def report_qr(archive: Archive, accession: str, tmp: Path) -> str:
         key = doc.storage_key
     [url] = qr_codes(pdf_page_png(archive.storage.read(key), tmp, accession))
     return url
+
+
+def charged(archive: Archive) -> list[tuple[str, str]]:
+    from cloudfilm.billing.models import Charge
+
+    with archive.db.read_session() as session:
+        return [(c.study_instance_uid, c.event) for c in session.scalars(select(Charge))]
 
 
 def verify(site: LiveServer, token: str, name: str, number: str) -> httpx.Response:
@@ -123,8 +131,11 @@ def test_report_qr_opens_this_exam_after_the_id_check_and_no_other(
     assert answer.status_code == 200, answer.text
     bearer = {"Authorization": f"Bearer {answer.json()['session']}"}
 
+    assert charged(archive) == []  # billing charges on the patient's first view
     exam = httpx.get(f"{site.url}/api/portal/exam", headers=bearer).json()
     assert exam["accession_number"] == "ACC1" and exam["status"] == "released"
+    httpx.get(f"{site.url}/api/portal/exam", headers=bearer)  # a second view: no second charge
+    assert charged(archive) == [(study1, "first-view")]
     assert exam["report"]["findings"] == FINDINGS and exam["images"] is True
     assert "第二次检查" not in str(exam) and "ACC2" not in str(exam)
     assert "patient_id" not in exam["report"]

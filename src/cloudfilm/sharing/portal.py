@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from cloudfilm.archive.models import Study
 from cloudfilm.audit import service as audit
 from cloudfilm.audit.enums import AuditAction, AuditEventType, AuditOutcome
+from cloudfilm.billing import service as billing
 from cloudfilm.config import Settings
 from cloudfilm.crypto.keys import application_secret
 from cloudfilm.db import settings_of
@@ -252,6 +253,28 @@ def exam_view(session: Session, row: EntryToken) -> dict[str, Any]:
         for key in ("patient_id", "study_instance_uid"):
             view["report"].pop(key, None)
     return view
+
+
+def first_view(session: Session, row: EntryToken) -> int | None:
+    """The patient opened the released report: the cloud-film charge when billing charges
+    on first view (``billing.charge_event = "first-view"``; a repeat returns the same
+    charge, and nothing happens when billing charges on release)."""
+    report = report_of_entry(session, row)
+    if not report.study_instance_uid:
+        return None
+    version = reports.current_version(session, report)
+    return billing.record_delivery(
+        session,
+        event="first-view",
+        study_instance_uid=report.study_instance_uid,
+        accession_number=report.accession_number,
+        patient_id=report.patient_id,
+        person_id=report.person_id,
+        department=version.department,
+        modality=version.modality,
+        exam_name=version.exam_name,
+        at=_now(),
+    )
 
 
 def report_of_entry(session: Session, row: EntryToken) -> Report:

@@ -89,6 +89,7 @@ def exam(request: Request, authorization: Annotated[str | None, Header()] = None
         row = portal.open_session(session, _session_value(authorization))
         view = portal.exam_view(session, row)
         if view["report"] is not None:
+            portal.first_view(session, row)
             audit.record(
                 session=session,
                 actor=_patient(request),
