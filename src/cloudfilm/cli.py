@@ -407,6 +407,10 @@ def _load_demo(archive: Any) -> None:
     results = load_demo(archive)
     stored = sum(1 for r in results if r.ok)
     console.print(f"demo: {stored} objects for 6 patients in {time.perf_counter() - start:.1f} s")
+    from cloudfilm.reports.demo import load_demo_reports
+
+    if added := load_demo_reports(archive):
+        console.print(f"demo: {added} reports (their PDFs render in `cloudfilm serve`)")
 
 
 @app.command("import")

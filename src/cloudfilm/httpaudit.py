@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import queue
 import re
 import threading
@@ -111,7 +112,7 @@ class AuditMiddleware:
 
 
 def _default(request: Request) -> Note:
-    path = request.url.path
+    path = _redacted(request.url.path)
     if request.method in ("POST", "PUT", "PATCH"):
         event, action = AuditEventType.HTTP_REQUEST, AuditAction.CREATE
     elif request.method == "DELETE":
@@ -133,6 +134,18 @@ _OWN_REFUSALS = frozenset({AuditEventType.KIOSK_REFUSED})
 def _no_nul(text: str) -> str:
     # A path may carry %00; PostgreSQL text cannot hold NUL, and the record must be written.
     return text.replace("\x00", "\\x00")
+
+
+#: Paths whose last part is a credential (a patient's entry token): recorded as the first
+#: 16 hex digits of its SHA-256, which match ``entry_token.token_hash``, never as itself.
+_TOKEN_IN_PATH = re.compile(r"^(/m/e/|/api/portal/entry/)([^/]+)")
+
+
+def _redacted(path: str) -> str:
+    return _TOKEN_IN_PATH.sub(
+        lambda m: m.group(1) + "sha256:" + hashlib.sha256(m.group(2).encode()).hexdigest()[:16],
+        path,
+    )
 
 
 def _outcome(status: int) -> AuditOutcome:
@@ -173,10 +186,10 @@ def _fields(request: Request, status: int) -> dict[str, Any]:
         "action": described.action,
         "outcome": _outcome(status),
         "object_type": described.object_type or "http",
-        "object_id": _no_nul(described.object_id or request.url.path)[-128:],
+        "object_id": _no_nul(described.object_id or _redacted(request.url.path))[-128:],
         "patient_id": described.patient_id,
         "study_instance_uid": described.study_instance_uid or default.study_instance_uid,
-        "message": f"{request.method} {_no_nul(request.url.path[:900])} -> {status}",
+        "message": f"{request.method} {_no_nul(_redacted(request.url.path)[:900])} -> {status}",
         "detail": detail,
     }
 

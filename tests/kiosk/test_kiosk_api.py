@@ -43,9 +43,9 @@ from cloudfilm.errors import Conflict
 from cloudfilm.hl7.listener import HL7Listener
 from cloudfilm.kiosk import tickets
 from cloudfilm.kiosk.models import KioskPrint
-from cloudfilm.kiosk.service import mask_name
 from cloudfilm.kiosk.tickets import Subject
 from cloudfilm.mpi import idcard
+from cloudfilm.mpi.service import mask_name
 from cloudfilm.orders.models import ImagingOrder
 from cloudfilm.reports.worker import ReportWorker
 from cloudfilm.sharing import tokens

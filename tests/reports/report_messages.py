@@ -43,14 +43,14 @@ def oru(
     placer: str = "HIS100",
     reported: str = "20261128143000",
     id_card: str = "",
+    id_card_first: bool = False,
 ) -> bytes:
     """An ORU^R01 (UTF-8) with PID, ORC, OBR (chest CT, doctors in OBR-32..34, status in
     OBR-25), ZDS (Study Instance UID) and OBX findings, impression, key images, PDF."""
     segments = [
         "MSH|^~\\&|RIS|人民医院|CLOUDFILM|影像科|20261128150000||ORU^R01^ORU_R01|"
         f"{control_id}|P|2.5|||AL|NE|CHN|UNICODE UTF-8",
-        f"PID|1||{patient}^^^HIS^PI{f'~{id_card}^^^^NNCHN' if id_card else ''}||{name}^^^^^^L"
-        f"||19800315|M|||||{phone}",
+        f"PID|1||{_pid3(patient, id_card, id_card_first)}||{name}^^^^^^L||19800315|M|||||{phone}",
         "PV1|1|O|放射科门诊",
         f"ORC|RE|{placer}|RIS{accession}||CM",
         _obr(placer, accession, status, reported),
@@ -68,6 +68,11 @@ def oru(
             f"OBX|4|ED|PDF^报告原件^LOCAL||^application^pdf^Base64^{data}||||||{status}"
         )
     return ("\r".join(segments) + "\r").encode("utf-8")
+
+
+def _pid3(patient: str, id_card: str, id_card_first: bool) -> str:
+    reps = [f"{patient}^^^HIS^PI"] + ([f"{id_card}^^^^NNCHN"] if id_card else [])
+    return "~".join(reversed(reps) if id_card_first else reps)
 
 
 def _obr(placer: str, accession: str, status: str, reported: str) -> str:

@@ -220,3 +220,16 @@ def test_broken_base64_pdf_is_answered_ae(archive: Archive, listener: HL7Listene
     raw = oru("E1", accession="ACC700", pdf=b"%PDF-1.4 x").replace(b"Base64^", b"Base64^#!")
     [ack] = send(listener, raw)
     assert ack_code(ack) == "AE" and "Base64" in str(ack)
+
+
+def test_an_id_card_number_first_in_pid3_never_becomes_the_reports_patient_id(
+    archive: Archive, listener: HL7Listener, tmp_path: Path
+) -> None:
+    number = "110105198003151234"
+    [ack] = send(listener, oru("I1", accession="ACC800", id_card=number, id_card_first=True))
+    assert ack_code(ack) == "AA"
+    ReportWorker(archive).run_once()
+    report, _ = report_of(archive, "ACC800")
+    assert report.patient_id == "P100"
+    [doc] = documents(archive, report.id, "report-pdf")
+    assert number not in pdf_text(archive.storage.read(doc.storage_key), tmp_path)

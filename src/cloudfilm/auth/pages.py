@@ -47,6 +47,26 @@ def home_style() -> Response:
     return _asset("home.css", "text/css; charset=utf-8")
 
 
+@router.get(
+    "/m/e/{token}", response_class=HTMLResponse, dependencies=[Depends(Permit.public_route())]
+)
+def entry_page(token: str) -> HTMLResponse:  # noqa: ARG001 - the page's script reads it
+    """The patient's entry from a report QR code, label or SMS link (``/api/portal``)."""
+    return HTMLResponse(
+        (_PAGES / "entry.html").read_text("utf-8"), headers={"Cache-Control": "no-store"}
+    )
+
+
+@router.get("/static/entry.js", dependencies=[Depends(Permit.public_route())])
+def entry_script() -> Response:
+    return _asset("entry.js", "text/javascript; charset=utf-8")
+
+
+@router.get("/static/entry.css", dependencies=[Depends(Permit.public_route())])
+def entry_style() -> Response:
+    return _asset("entry.css", "text/css; charset=utf-8")
+
+
 @router.get("/static/favicon.svg", dependencies=[Depends(Permit.public_route())])
 def favicon() -> Response:
     return _asset("favicon.svg", "image/svg+xml")

@@ -32,6 +32,7 @@ from cloudfilm.hl7.adt import _field, _part, _Reader, _register, _segments, _sen
 from cloudfilm.hl7.messages import AckCode, ErrorCode, MessageError
 from cloudfilm.hl7.models import HL7Message
 from cloudfilm.hl7.orm import _first, parse_ts
+from cloudfilm.mpi import service as mpi
 from cloudfilm.reports import service as reports
 from cloudfilm.reports.models import ReportStatus
 
@@ -198,7 +199,14 @@ def on_oru(*, session: Session, message: Any, record: HL7Message) -> None:
         )
     pids = _segments(message, "PID")
     person = _register(session, reader, pids[0], source) if pids else None
-    patient = reader.repetitions(pids[0], 3) if pids else []
+    # The report's patient ID: the first PID-3 repetition that is no ID-card or phone
+    # number (those stay sealed in the master index, never on a report).
+    patient = [
+        rep
+        for rep in (reader.repetitions(pids[0], 3) if pids else [])
+        if mpi.TYPE_ALIASES.get(_part(rep, 5).upper(), _part(rep, 5).upper())
+        not in mpi.SEALED_TYPES
+    ]
     for group in groups:
         data = _report_data(reader, message, group)
         if patient:

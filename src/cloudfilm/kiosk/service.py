@@ -26,7 +26,6 @@ from urllib.parse import urlsplit
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
-from cloudfilm.archive.names import has_han
 from cloudfilm.auth.models import ApiClient
 from cloudfilm.config import KioskSettings, ReprintPolicy, Settings
 from cloudfilm.errors import BadRequest, Conflict, NotFound, PermissionDenied
@@ -36,6 +35,7 @@ from cloudfilm.kiosk.tickets import Subject, Ticket
 from cloudfilm.mpi import service as mpi
 from cloudfilm.mpi.keys import keys_of
 from cloudfilm.mpi.models import Person, PersonIdentifier
+from cloudfilm.mpi.service import mask_name
 from cloudfilm.orders.service import LOCAL_ZONE
 from cloudfilm.reports.models import Document, DocumentKind, Report, ReportStatus, ReportVersion
 from cloudfilm.reports.service import is_released
@@ -157,22 +157,6 @@ def decide(policy: KioskSettings, prints: int, approvals: int) -> Decision:
 
 
 # ---------------------------------------------------------------- names and codes
-
-
-def mask_name(name: str) -> str:
-    """``张小三`` → ``张*三``, ``张三`` → ``张*``, ``Zhang San`` → ``Z**** S**``."""
-    text = (name or "").strip()
-    if not text:
-        return ""
-    if has_han(text):
-        chars = [c for c in text if c not in "^ \t"]
-        if len(chars) <= 1:
-            return "*"
-        if len(chars) == 2:
-            return chars[0] + "*"
-        return chars[0] + "*" * (len(chars) - 2) + chars[-1]
-    words = [w for w in re.split(r"[\s^]+", text) if w]
-    return " ".join(w[0] + "*" * (len(w) - 1) for w in words)
 
 
 def token_of(scanned: str) -> str:

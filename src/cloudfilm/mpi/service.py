@@ -651,6 +651,22 @@ def history_of(*, session: Session, person: Person) -> list[PersonHistory]:
     )
 
 
+def mask_name(name: str) -> str:
+    """``张小三`` → ``张*三``, ``张三`` → ``张*``, ``Zhang San`` → ``Z**** S**``."""
+    text = (name or "").strip()
+    if not text:
+        return ""
+    if has_han(text):
+        chars = [c for c in text if c not in "^ \t"]
+        if len(chars) <= 1:
+            return "*"
+        if len(chars) == 2:
+            return chars[0] + "*"
+        return chars[0] + "*" * (len(chars) - 2) + chars[-1]
+    words = [w for w in re.split(r"[\s^]+", text) if w]
+    return " ".join(w[0] + "*" * (len(w) - 1) for w in words)
+
+
 def mask(id_type: str, value: str) -> str:
     """``110105********002X``, ``138****5678``: enough to recognise, not to use."""
     if id_type == ID_CARD and len(value) == 18:

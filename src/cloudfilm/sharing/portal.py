@@ -51,18 +51,6 @@ def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def mask_name(name: str) -> str:
-    """张三丰 → 张*丰, 张三 → 张*, Wang Xiaoming → W*** X*******."""
-    name = name.strip()
-    if not name:
-        return ""
-    if any("\u3400" <= ch <= "\u9fff" for ch in name):
-        if len(name) <= 2:
-            return name[0] + "*"
-        return name[0] + "*" * (len(name) - 2) + name[-1]
-    return " ".join(part[0] + "*" * (len(part) - 1) for part in name.split())
-
-
 def _same_name(given: str, on_file: str) -> bool:
     def norm(text: str) -> str:
         return "".join(unicodedata.normalize("NFKC", text).split()).replace("^", "").casefold()
@@ -111,7 +99,7 @@ def describe_entry(session: Session, row: EntryToken) -> dict[str, Any]:
     return {
         "purpose": row.purpose,
         "hospital": settings.reports.hospital_name,
-        "name": mask_name(person.name) if person else "",
+        "name": mpi.mask_name(person.name) if person else "",
         "methods": methods,
         "locked": bool(row.locked_until and _aware(row.locked_until) > _now()),
     }
