@@ -8,9 +8,10 @@ Run from the repository root::
 
 Rows:
 
-* ``render, first in a process`` and ``render, warm`` — :func:`cloudfilm.reports.pdf.render_pdf` of a typical report
-  (Chinese findings and impression, patient table, QR code, one key image) with Noto Sans
-  CJK SC as installed (65 535 glyphs, subset by WeasyPrint per PDF);
+* ``render, first in a process`` and ``render, warm`` —
+  :func:`cloudfilm.reports.pdf.render_pdf` of a typical report (Chinese findings and
+  impression, patient table, QR code, one key image) with Noto Sans CJK SC as installed
+  (65 535 glyphs, subset by WeasyPrint per PDF);
 * ``worker step`` — :class:`cloudfilm.reports.worker.ReportWorker` per report: look-ups,
   entry token, render, storage write, registry row, DICOM Encapsulated PDF ingested into
   the study, release (SQLite in a temporary folder).

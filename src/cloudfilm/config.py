@@ -1107,7 +1107,7 @@ class BillingSettings(_Section):
     @model_validator(mode="after")
     def _check_delivery(self) -> Self:
         if self.enabled and self.price is None:
-            raise ValueError("billing.enabled needs billing.price (yuan, e.g. \"20.00\")")
+            raise ValueError('billing.enabled needs billing.price (yuan, e.g. "20.00")')
         if self.delivery is ChargeDelivery.HL7 and self.hl7_port is None:
             raise ValueError("billing.delivery = hl7 needs billing.hl7_port")
         if self.delivery is ChargeDelivery.HTTP and not self.http_url:
@@ -1496,9 +1496,7 @@ class NotifySettings(_Section):
 
     @field_validator("templates")
     @classmethod
-    def _keep_default_templates(
-        cls, value: dict[str, NotifyTemplate]
-    ) -> dict[str, NotifyTemplate]:
+    def _keep_default_templates(cls, value: dict[str, NotifyTemplate]) -> dict[str, NotifyTemplate]:
         return {**_default_templates(), **value}
 
     @model_validator(mode="after")

@@ -8,10 +8,7 @@ import base64
 from typing import Any
 
 import httpx
-from fhir.resources.R4B.binary import Binary
-from fhir.resources.R4B.bundle import Bundle
-from fhir.resources.R4B.diagnosticreport import DiagnosticReport
-from fhir.resources.R4B.operationoutcome import OperationOutcome
+from fhir_checks import valid
 from sqlalchemy import select
 
 from cloudfilm.archive.models import Patient
@@ -22,22 +19,6 @@ from conftest import DATA, LiveServer
 
 FHIR = "application/fhir+json"
 ACCESSION = "urn:cloudfilm:accession"
-MODELS: dict[str, Any] = {
-    "Binary": Binary,
-    "Bundle": Bundle,
-    "DiagnosticReport": DiagnosticReport,
-    "OperationOutcome": OperationOutcome,
-}
-
-
-def valid(body: dict[str, Any]) -> dict[str, Any]:
-    from fhirclient.models import fhirelementfactory
-
-    MODELS[body["resourceType"]].model_validate(body)
-    for entry in body.get("entry", []):
-        MODELS[entry["resource"]["resourceType"]].model_validate(entry["resource"])
-    fhirelementfactory.FHIRElementFactory.instantiate(body["resourceType"], body)
-    return body
 
 
 def call(server: LiveServer, method: str, path: str, status: int = 200, **kw: Any) -> Any:

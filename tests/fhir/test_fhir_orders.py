@@ -10,12 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fhir.resources.R4B.bundle import Bundle
-from fhir.resources.R4B.encounter import Encounter
-from fhir.resources.R4B.imagingstudy import ImagingStudy
-from fhir.resources.R4B.operationoutcome import OperationOutcome
-from fhir.resources.R4B.patient import Patient
-from fhir.resources.R4B.servicerequest import ServiceRequest
+from fhir_checks import valid
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
@@ -30,25 +25,6 @@ from conftest import DATA, LiveServer
 
 FHIR = "application/fhir+json"
 PLAC = "urn:cloudfilm:placer-order"
-MODELS: dict[str, Any] = {
-    "Bundle": Bundle,
-    "ServiceRequest": ServiceRequest,
-    "Encounter": Encounter,
-    "ImagingStudy": ImagingStudy,
-    "OperationOutcome": OperationOutcome,
-    "Patient": Patient,
-}
-
-
-def valid(body: dict[str, Any]) -> dict[str, Any]:
-    """``body`` validates with fhir.resources and with fhirclient's R4 4.0.1 models."""
-    from fhirclient.models import fhirelementfactory
-
-    MODELS[body["resourceType"]].model_validate(body)
-    for entry in body.get("entry", []):
-        MODELS[entry["resource"]["resourceType"]].model_validate(entry["resource"])
-    fhirelementfactory.FHIRElementFactory.instantiate(body["resourceType"], body)
-    return body
 
 
 def call(

@@ -19,6 +19,25 @@ from cloudfilm.sharing import tokens
 from cloudfilm.sharing.notices import phone_of
 
 
+def charge(
+    session: Session, report: Report, version: ReportVersion, event: str, at: datetime
+) -> int | None:
+    """The cloud-film charge of the report's exam delivered by ``event`` (``released``,
+    ``first-view``): :func:`cloudfilm.billing.service.record_delivery` (flush only)."""
+    return billing.record_delivery(
+        session,
+        event=event,
+        study_instance_uid=report.study_instance_uid,
+        accession_number=report.accession_number,
+        patient_id=report.patient_id,
+        person_id=report.person_id,
+        department=version.department,
+        modality=version.modality,
+        exam_name=version.exam_name,
+        at=at,
+    )
+
+
 def on_release(
     session: Session, report: Report, version: ReportVersion, settings: Settings, now: datetime
 ) -> dict[str, Any]:
@@ -28,18 +47,7 @@ def on_release(
     if not report.study_instance_uid:
         report.study_instance_uid = resolve_study_uid(session, report, order)
     if report.study_instance_uid:
-        queued["charge_id"] = billing.record_delivery(
-            session,
-            event="released",
-            study_instance_uid=report.study_instance_uid,
-            accession_number=report.accession_number,
-            patient_id=report.patient_id,
-            person_id=report.person_id,
-            department=version.department,
-            modality=version.modality,
-            exam_name=version.exam_name,
-            at=now,
-        )
+        queued["charge_id"] = charge(session, report, version, "released", now)
     phone = phone_of(session, report.person_id) if settings.reports.notify_release else None
     if phone:
         token = tokens.issue(

@@ -22,7 +22,6 @@ from sqlalchemy.orm import Session
 from cloudfilm.archive.models import Study
 from cloudfilm.audit import service as audit
 from cloudfilm.audit.enums import AuditAction, AuditEventType, AuditOutcome
-from cloudfilm.billing import service as billing
 from cloudfilm.config import Settings
 from cloudfilm.crypto.keys import application_secret
 from cloudfilm.db import settings_of
@@ -250,19 +249,9 @@ def first_view(session: Session, row: EntryToken) -> int | None:
     report = report_of_entry(session, row)
     if not report.study_instance_uid:
         return None
-    version = reports.current_version(session, report)
-    return billing.record_delivery(
-        session,
-        event="first-view",
-        study_instance_uid=report.study_instance_uid,
-        accession_number=report.accession_number,
-        patient_id=report.patient_id,
-        person_id=report.person_id,
-        department=version.department,
-        modality=version.modality,
-        exam_name=version.exam_name,
-        at=_now(),
-    )
+    from cloudfilm.reports.release import charge  # release builds on sharing
+
+    return charge(session, report, reports.current_version(session, report), "first-view", _now())
 
 
 def report_of_entry(session: Session, row: EntryToken) -> Report:

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-
 revision: str = "a3c5e7f9b1d2"
 down_revision: str | None = "b4f8e2a6c913"
 branch_labels: str | Sequence[str] | None = None
