@@ -8,6 +8,7 @@ from typing import Any
 from fhir.resources.R4B.binary import Binary
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+from fhir.resources.R4B.documentreference import DocumentReference
 from fhir.resources.R4B.encounter import Encounter
 from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.operationoutcome import OperationOutcome
@@ -18,6 +19,7 @@ MODELS: dict[str, Any] = {
     "Binary": Binary,
     "Bundle": Bundle,
     "DiagnosticReport": DiagnosticReport,
+    "DocumentReference": DocumentReference,
     "Encounter": Encounter,
     "ImagingStudy": ImagingStudy,
     "OperationOutcome": OperationOutcome,

@@ -108,6 +108,30 @@ def test_diagnostic_report__create_version_read_search_binary(live_server: LiveS
         ]
     assert kept == ["胸部CT平扫未见异常。", "更正：右肺小结节。"]
 
+    # The document registry: both PDFs, the corrected one replacing the first.
+    ReportWorker(server.archive).run_once()
+    docs = call(
+        server, "GET", "DocumentReference", params={"related": f"DiagnosticReport/{created['id']}"}
+    )
+    assert docs["total"] == 2
+    new, old = (e["resource"] for e in docs["entry"])
+    assert (new["status"], old["status"]) == ("current", "superseded")
+    assert new["relatesTo"] == [
+        {"code": "replaces", "target": {"reference": f"DocumentReference/{old['id']}"}}
+    ]
+    assert new["subject"] == {"reference": f"Patient/{patient}"}
+    assert {"reference": f"ImagingStudy/{study}"} in new["context"]["related"]
+    attachment = new["content"][0]["attachment"]
+    assert httpx.get(attachment["url"], headers=server.headers).content[:5] == b"%PDF-"
+    assert call(server, "GET", f"DocumentReference/{old['id']}")["status"] == "superseded"
+    by_patient = call(
+        server,
+        "GET",
+        "DocumentReference",
+        params={"patient": f"Patient/{patient}", "status": "current"},
+    )
+    assert [e["resource"]["id"] for e in by_patient["entry"]] == [new["id"]]
+
     for params in (
         {"identifier": f"{ACCESSION}|FA1"},
         {"patient": f"Patient/{patient}"},

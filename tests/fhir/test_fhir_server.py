@@ -144,7 +144,7 @@ def test_metadata__public_capability_statement(live_server: LiveServer) -> None:
     kinds = {r["type"]: r for r in body["rest"][0]["resource"]}
     assert set(kinds) == {
         "Patient", "ImagingStudy", "AuditEvent", "ServiceRequest", "Encounter",
-        "DiagnosticReport", "Binary",
+        "DiagnosticReport", "DocumentReference", "Binary",
     }  # fmt: skip
     assert {"identifier", "name", "birthdate", "_lastUpdated"} <= {
         p["name"] for p in kinds["Patient"]["searchParam"]

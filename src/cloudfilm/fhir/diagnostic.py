@@ -418,3 +418,149 @@ def read_binary(id: str, request: Request, caller: Reader) -> Response:  # noqa:
             }
         )
     return Response(data, media_type=mime, headers={"Cache-Control": "no-store"})
+
+
+# ------------------------------------------------------------------ DocumentReference
+
+#: Document kinds → (LOINC code, display) of DocumentReference.type.
+DOCUMENT_TYPES = {
+    DocumentKind.REPORT_PDF.value: (IMAGING_REPORT, "Diagnostic imaging study"),
+    DocumentKind.SOURCE_PDF.value: (IMAGING_REPORT, "Diagnostic imaging study"),
+}
+_DOC_STATUS = {"current": "current", "deprecated": "superseded"}
+_DOC_TEXT = {
+    DocumentKind.REPORT_PDF.value: "诊断报告",
+    DocumentKind.SOURCE_PDF.value: "RIS 报告原件",
+}
+
+
+def document_reference(
+    base: str, doc: Document, patient_pk: int | None, replaces: list[int]
+) -> dict[str, Any]:
+    """One entry of the document registry as an R4 DocumentReference (XDS metadata:
+    uniqueId = masterIdentifier, classCode = category, typeCode = type)."""
+    code, display = DOCUMENT_TYPES.get(doc.kind, (IMAGING_REPORT, "Diagnostic imaging study"))
+    resource: dict[str, Any] = {
+        "resourceType": "DocumentReference",
+        "id": str(doc.id),
+        "meta": {"lastUpdated": mapping.instant(doc.created_at)},
+        "masterIdentifier": {"system": "urn:ietf:rfc:3986", "value": f"urn:oid:{doc.uid}"},
+        "status": _DOC_STATUS.get(doc.status, "current"),
+        "type": {"coding": [{"system": LOINC, "code": code, "display": display}],
+                 "text": _DOC_TEXT.get(doc.kind, doc.kind)},
+        "category": [{"coding": [{"system": LOINC, "code": "LP29684-5", "display": "Radiology"}]}],
+        "date": mapping.instant(doc.created_at),
+        "content": [{"attachment": {"contentType": doc.mime_type, "url": f"{base}/Binary/{doc.uid}",
+                                    "size": doc.size, "title": doc.title,
+                                    "creation": mapping.instant(doc.created_at)}}],
+    }  # fmt: skip
+    if patient_pk is not None:
+        resource["subject"] = {"reference": f"Patient/{patient_pk}"}
+    elif doc.patient_id:
+        resource["subject"] = {"identifier": {"value": doc.patient_id}}
+    if replaces:
+        resource["relatesTo"] = [
+            {"code": "replaces", "target": {"reference": f"DocumentReference/{old}"}}
+            for old in replaces
+        ]
+    related = []
+    if doc.report_id is not None:
+        related.append({"reference": f"DiagnosticReport/{doc.report_id}"})
+    if doc.study_instance_uid:
+        related.append({"reference": f"ImagingStudy/{doc.study_instance_uid}"})
+    if related:
+        resource["context"] = {"related": related}
+    return resource
+
+
+def _documents_as_fhir(
+    request: Request, session: Any, rows: list[Document]
+) -> list[dict[str, Any]]:
+    base = fhir_base(request)
+    ids = {d.patient_id for d in rows if d.patient_id}
+    pairs = select(Patient.patient_id, Patient.id).where(Patient.patient_id.in_(ids))
+    pks = dict(session.execute(pairs).all()) if ids else {}
+    replaced: dict[int, list[int]] = {}
+    for old_id, new_id in session.execute(
+        select(Document.id, Document.replaced_by_id).where(
+            Document.replaced_by_id.in_([d.id for d in rows])
+        )
+    ):
+        replaced.setdefault(new_id, []).append(old_id)
+    return [
+        document_reference(base, d, pks.get(d.patient_id), replaced.get(d.id, [])) for d in rows
+    ]
+
+
+def _visible_documents(caller: Principal) -> ColumnElement[bool] | None:
+    scope = _scope(caller)
+    if scope is None:
+        return None
+    return Document.study_instance_uid.in_(select(Study.study_instance_uid).where(scope))
+
+
+def _document_conditions(values: dict[str, list[str]]) -> list[ColumnElement[bool]]:
+    def patient(raw: str) -> ColumnElement[bool]:
+        pk = _id_or_none(raw.removeprefix("Patient/"))
+        return Document.patient_id.in_(select(Patient.patient_id).where(Patient.id == pk))
+
+    def status(raw: str) -> ColumnElement[bool]:
+        code = parse_token(raw).code
+        return Document.status.in_([k for k, v in _DOC_STATUS.items() if v == code] or ["-"])
+
+    conditions = _each(values, "_id", lambda v: Document.id == _id_or_none(v))
+    conditions += _each(
+        values, "identifier",
+        lambda v: Document.uid == parse_token(v).code.removeprefix("urn:oid:"),
+    )  # fmt: skip
+    for name in ("patient", "subject"):
+        conditions += _each(values, name, patient)
+    conditions += _each(values, "status", status)
+    conditions += _each(
+        values, "date", lambda v: instant_condition(Document.created_at, parse_date("date", v))
+    )
+    conditions += _each(
+        values, "related",
+        lambda v: Document.report_id == _id_or_none(v.removeprefix("DiagnosticReport/")),
+    )  # fmt: skip
+    return conditions
+
+
+@router.get("/DocumentReference", summary="Search the document registry")
+def search_documents(request: Request, caller: Searcher) -> Response:
+    values = _parameters(request, {p[0] for p in _SEARCH_PARAMS["DocumentReference"]})
+    page = paging(values, default=DEFAULT_COUNT, maximum=MAX_COUNT)
+    stmt = select(Document).where(Document.report_id.is_not(None), *_document_conditions(values))
+    if (visible := _visible_documents(caller)) is not None:
+        stmt = stmt.where(visible)
+    with _archive(request).db.read_session() as session:
+        total = int(session.scalar(select(func.count()).select_from(stmt.subquery())) or 0)
+        ordered = stmt.order_by(Document.created_at.desc(), Document.id.desc())
+        rows = (
+            list(session.scalars(ordered.limit(page.count).offset(page.offset)))
+            if page.count
+            else []
+        )
+        resources = _documents_as_fhir(request, session, rows)
+    note(request, AuditEventType.QUERY, AuditAction.EXECUTE, "fhir", "DocumentReference")
+    base = fhir_base(request)
+    entries = [_entry(base, r) for r in resources]
+    return _respond(_page_bundle(request, "DocumentReference", page, total, entries))
+
+
+@router.get("/DocumentReference/{id}", summary="Read a document registry entry")
+def read_document(id: str, request: Request, caller: Reader) -> Response:  # noqa: A002
+    stmt = select(Document).where(
+        Document.id == _row_id("DocumentReference", id), Document.report_id.is_not(None)
+    )
+    if (visible := _visible_documents(caller)) is not None:
+        stmt = stmt.where(visible)
+    with _archive(request).db.read_session() as session:
+        row = session.scalars(stmt).one_or_none()
+        if row is None:
+            raise FHIRError(404, "not-found", f"no DocumentReference {id[:64]!r} in this archive")
+        [resource] = _documents_as_fhir(request, session, [row])
+        patient_id = row.patient_id
+    note(request, AuditEventType.QUERY, AuditAction.READ, "fhir", f"DocumentReference/{id}",
+         patient_id=patient_id or None)  # fmt: skip
+    return _respond(resource)

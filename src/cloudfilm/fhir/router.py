@@ -281,6 +281,15 @@ _SEARCH_PARAMS: dict[str, list[tuple[str, str, str]]] = {
         ("issued", "date", "When the report was approved, with prefixes"),
         ("based-on", "reference", "The order (ServiceRequest/id)"),
     ],
+    "DocumentReference": [
+        ("_id", "token", "Logical id"),
+        ("identifier", "token", "The document's unique id (urn:oid:...)"),
+        ("patient", "reference", "The patient (Patient/id)"),
+        ("subject", "reference", "The patient (Patient/id)"),
+        ("status", "token", "current | superseded"),
+        ("date", "date", "When the document was registered, with prefixes"),
+        ("related", "reference", "The report (DiagnosticReport/id)"),
+    ],
     "Encounter": [
         ("_id", "token", "Logical id"),
         ("identifier", "token", "Visit number (PV1-19)"),
