@@ -19,6 +19,8 @@ from cloudfilm.audit.service import Actor
 from cloudfilm.errors import NotFound
 from cloudfilm.mpi import service as mpi
 from cloudfilm.mpi.service import Demographics, identifier
+from cloudfilm.reports import service as reports
+from cloudfilm.reports.models import ReportStatus
 from cloudfilm.soap import service as webservice
 from cloudfilm.soap.client import open_response, seal_request
 from cloudfilm.soap.wsdl import NS, SOAP_NS
@@ -102,6 +104,13 @@ def test_webservice__json_and_soap_answer_the_same_queries(live_server: LiveServ
         )  # fmt: skip
     ct = ingest(server, "ct_small.dcm", "WS100", "ACC-WS-1")
     mr = ingest(server, "mr_small.dcm", "WS100", "ACC-WS-2")
+    with server.archive.db.session() as session:
+        reports.submit(
+            session,
+            data=reports.ReportData(status=ReportStatus.FINAL, accession_number="ACC-WS-2",
+                                    findings="颅内未见异常信号。", impression="头颅MR未见异常。"),
+            source="test", actor=Actor.cli("pytest"), storage=server.archive.storage,
+        )  # fmt: skip
     ingest(server, "ct_small.dcm", "OTHER", "ACC-WS-3")
 
     by_pid = call_json(server, "exams", {"patient": {"type": "PI", "value": "WS100"}})
@@ -113,6 +122,10 @@ def test_webservice__json_and_soap_answer_the_same_queries(live_server: LiveServ
     [exam] = by_acc["result"]["exams"]
     assert exam["study_instance_uid"] == mr and exam["modalities"] == ["MR"]
     assert exam["patient"]["name"] == "张^三丰" and exam["number_of_images"] == 1
+    two = call_json(server, "exam", {"accession_number": "ACC-WS-2"})["result"]
+    assert two["report"]["impression"] == "头颅MR未见异常。" and two["report"]["status"] == "final"
+    assert two["report"]["released"] is False  # the report worker has not run
+    assert call_soap(server, "GetExam", {"study_instance_uid": mr})["result"] == two
 
     one = call_json(server, "exam", {"accession_number": "ACC-WS-1"})["result"]
     assert one["study_instance_uid"] == ct and one["modalities"] == ["CT"]
@@ -131,7 +144,7 @@ def test_webservice__json_and_soap_answer_the_same_queries(live_server: LiveServ
         events = session.scalars(
             select(AuditEvent).where(AuditEvent.object_type == "webservice")
         ).all()
-    assert len(events) == 6 and all(e.outcome == 0 for e in events)
+    assert len(events) == 8 and all(e.outcome == 0 for e in events)  # one per call
     assert {e.object_id for e in events} == {"QueryExams", "GetExam"}
 
 

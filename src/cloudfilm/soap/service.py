@@ -25,6 +25,7 @@ from cloudfilm.errors import BadRequest, Conflict, NotFound
 from cloudfilm.mpi import service as mpi
 from cloudfilm.orders import service as orders
 from cloudfilm.orders.models import ImagingOrder
+from cloudfilm.reports import service as reports
 from cloudfilm.soap.models import WebServiceNonce
 
 Q = TypeVar("Q", bound=BaseModel)
@@ -228,11 +229,22 @@ def find_exam(
     return exam
 
 
-def report_of(*, session: Session, study: Study) -> dict[str, Any] | None:  # noqa: ARG001
-    """The exam's diagnostic report (status, conclusion, findings, author, approval time,
-    PDF link). ``None`` until the reports domain (issue 7, ORU^R01 / DiagnosticReport)
-    keeps reports; the answer's ``report`` field is where they will appear."""
-    return None
+def report_of(*, session: Session, study: Study) -> dict[str, Any] | None:
+    """The exam's diagnostic report (:mod:`cloudfilm.reports`): status, version, exam,
+    findings, impression, doctors, approval and release times, whether it is released to
+    the patient; ``None`` when the exam has none yet."""
+    report = reports.find_report(
+        session,
+        accession_number=study.accession_number,
+        study_instance_uid=study.study_instance_uid,
+    )
+    if report is None:
+        return None
+    out = reports.describe(session, report)
+    for key in ("patient_id", "study_instance_uid", "key_images"):
+        out.pop(key, None)
+    out["released"] = reports.is_released(report)
+    return out
 
 
 def _exam(study: Study, linked: list[ImagingOrder], links: Links) -> dict[str, Any]:
