@@ -53,7 +53,7 @@ def call_json(server: LiveServer, path: str, params: dict[str, Any]) -> Any:
     key = key_of(server)
     request = seal_request(params, client_id=key.client_id, key=key.key, key_id=key.key_id)
     response = httpx.post(
-        f"{server.url}/api/webservice/{path}", json=request, headers=server.headers
+        f"{server.url}/api/webservice/{path}", json=request, headers=server.headers, timeout=60
     )
     assert response.status_code == 200, response.text
     answer = response.json()
@@ -78,6 +78,7 @@ def call_soap(server: LiveServer, operation: str, params: dict[str, Any]) -> Any
     request = seal_request(params, client_id=key.client_id, key=key.key, key_id=key.key_id)
     response = httpx.post(
         f"{server.url}/api/webservice/soap",
+        timeout=60,  # a loaded CI machine: what is answered matters here, not how fast
         content=soap_body(operation, request).encode(),
         headers={**server.headers, "Content-Type": "text/xml; charset=utf-8",
                  "SOAPAction": f'"{NS}#{operation}"'},
