@@ -29,19 +29,15 @@ import random
 import secrets
 import statistics
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
+from auth import _database, _serve  # the same throw-away database and server
 from cloudfilm import migrations
 from cloudfilm.app import create_app
 from cloudfilm.archive.ingest import Archive
@@ -76,27 +72,6 @@ def _time(actions: list[Callable[[], Any]]) -> list[float]:
         action()
         samples.append(time.perf_counter() - started)
     return samples
-
-
-@contextmanager
-def _database(postgres: str | None) -> Iterator[str | None]:
-    if postgres is None:
-        yield None
-        return
-    name = f"cloudfilm_bench_{secrets.token_hex(4)}"
-    admin = create_engine(postgres, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(postgres).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(
-                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
-                {"n": name},
-            )
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
 
 
 def _id_card(n: int) -> str:
@@ -186,21 +161,6 @@ def populate(archive: Archive, persons: int, reports: int) -> list[dict[str, str
                 )
                 qr[who["person"].id] = tokens.entry_url(archive.settings, token)
     return [{"qr": qr[p["person"].id], "card": p["card"], "mc": p["mc"]} for p in people]
-
-
-def _serve(app: Any) -> tuple[uvicorn.Server, str]:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
-    )
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.02)
-    return server, f"http://127.0.0.1:{port}"
 
 
 def run(postgres: str | None, persons: int, reports: int, lookups: int) -> dict[str, Any]:

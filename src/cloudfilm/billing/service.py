@@ -26,11 +26,12 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from cloudfilm import db
 from cloudfilm.audit import service as audit
 from cloudfilm.audit.enums import AuditAction, AuditEventType
 from cloudfilm.audit.service import Actor
 from cloudfilm.billing.models import Charge, ChargeKind, ChargeState, HisChargeLine, ImportBatch
-from cloudfilm.config import BillingSettings, ChargeDelivery, ChargeEvent, Settings
+from cloudfilm.config import BillingSettings, ChargeDelivery, ChargeEvent
 from cloudfilm.errors import BadRequest, Conflict
 
 EVENTS = frozenset(e.value for e in ChargeEvent)
@@ -40,10 +41,7 @@ CENT = Decimal("0.01")
 
 
 def settings_of(session: Session) -> BillingSettings:
-    settings = session.info.get("settings")
-    if not isinstance(settings, Settings):
-        raise RuntimeError("this session carries no settings: open it with Database.session()")
-    return settings.billing
+    return db.settings_of(session).billing
 
 
 def _aware(moment: datetime) -> datetime:

@@ -9,8 +9,9 @@ from typing import Protocol
 
 from sqlalchemy.orm import Session
 
+from cloudfilm.db import settings_of
 from cloudfilm.notify import service
-from cloudfilm.notify.keys import keys_for, settings_of
+from cloudfilm.notify.keys import keys_for
 
 
 class RaisedAlarm(Protocol):

@@ -10,7 +10,6 @@ from functools import lru_cache
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from sqlalchemy.orm import Session
 
 from cloudfilm.config import Settings
 from cloudfilm.crypto.keys import Sealer, application_secret
@@ -45,13 +44,3 @@ def _keys(secret: bytes) -> NotifyKeys:
 
 def keys_for(settings: Settings) -> NotifyKeys:
     return _keys(application_secret(settings))
-
-
-def settings_of(session: Session) -> Settings:
-    settings = session.info.get("settings")
-    if not isinstance(settings, Settings):
-        raise RuntimeError(
-            "this session carries no settings: open it with Database.session() "
-            "(the outbox seals recipients with the application secret)"
-        )
-    return settings

@@ -36,6 +36,7 @@ from cloudfilm.audit.service import Actor
 from cloudfilm.clock import Clock, as_utc
 from cloudfilm.config import NotifyChannel, NotifySettings, NotifyTemplate, SmsDriver
 from cloudfilm.crypto.keys import SealError
+from cloudfilm.db import settings_of
 from cloudfilm.errors import BadRequest
 from cloudfilm.notify.drivers import (
     AliyunSmsDriver,
@@ -46,7 +47,7 @@ from cloudfilm.notify.drivers import (
     WechatDriver,
 )
 from cloudfilm.notify.enums import NotifyState
-from cloudfilm.notify.keys import NotifyKeys, keys_for, settings_of
+from cloudfilm.notify.keys import NotifyKeys, keys_for
 from cloudfilm.notify.models import Notification
 
 if TYPE_CHECKING:
