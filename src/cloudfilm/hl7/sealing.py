@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from cloudfilm.config import Settings
 from cloudfilm.crypto.keys import SealError, application_secret
+from cloudfilm.db import settings_of
 
 MAGIC = b"\x00cf-sealed-1:"
 _PURPOSE = b"hl7-message-store-v1"
@@ -41,13 +42,6 @@ class _Key:
 @lru_cache(maxsize=8)
 def _key(secret: bytes) -> _Key:
     return _Key(secret)
-
-
-def _settings(session: Session) -> Settings:
-    settings = session.info.get("settings")
-    if not isinstance(settings, Settings):
-        raise RuntimeError("this session carries no settings: open it with Database.session()")
-    return settings
 
 
 def seal(settings: Settings, raw: bytes) -> bytes:
@@ -71,8 +65,8 @@ def open_raw(settings: Settings, stored: bytes) -> bytes:
 
 
 def seal_for(session: Session, raw: bytes) -> bytes:
-    return seal(_settings(session), raw)
+    return seal(settings_of(session), raw)
 
 
 def open_for(session: Session, stored: bytes) -> bytes:
-    return open_raw(_settings(session), stored)
+    return open_raw(settings_of(session), stored)

@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from cloudfilm.auth.models import ApiClient
 from cloudfilm.config import KioskSettings, ReprintPolicy, Settings
+from cloudfilm.db import settings_of
 from cloudfilm.errors import BadRequest, Conflict, NotFound, PermissionDenied
 from cloudfilm.kiosk import tickets
 from cloudfilm.kiosk.models import KioskPrint, KioskReprintApproval
@@ -113,13 +114,6 @@ class Lookup:
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _settings(session: Session) -> Settings:
-    settings = session.info.get("settings")
-    if not isinstance(settings, Settings):
-        raise RuntimeError("this session carries no settings: open it with Database.session()")
-    return settings
 
 
 # ---------------------------------------------------------------- policy
@@ -315,7 +309,7 @@ def lookup_qr(session: Session, *, scanned: str, kiosk: str, now: datetime | Non
     patient holds the code, so nothing is revealed); an unknown, expired or revoked one
     raises :class:`NothingToPrint` (``unknown_code``)."""
     now = now or _now()
-    settings = _settings(session)
+    settings = settings_of(session)
     entry = tokens.resolve(session, token_of(scanned), now=now)
     if entry is None:
         raise NothingToPrint(*UNKNOWN_CODE)
@@ -351,7 +345,7 @@ def lookup_card(
             "卡类型应为 id-card 或 medical-card · card_type is id-card or medical-card"
         )
     now = now or _now()
-    settings = _settings(session)
+    settings = settings_of(session)
     person_id = _card_person(session, settings, card_type, number)
     if person_id is None:
         raise NothingToPrint(*NO_PRINTABLE_REPORT)
@@ -409,7 +403,7 @@ def _checked(
         # count each one checks includes the other's print.
         session.get(Report, report_id, with_for_update=True)
     item = printable_for(session, ticket, report_id, now=now)
-    decision = decide(_settings(session).kiosk, item.prints, item.approvals)
+    decision = decide(settings_of(session).kiosk, item.prints, item.approvals)
     if not decision.allowed:
         assert decision.code is not None and decision.message is not None
         raise KioskRefused(decision.code, decision.message)
@@ -463,7 +457,7 @@ def approve_reprint(
         The policy is ``never``, or a print is allowed already (nothing to approve).
     """
     now = now or _now()
-    settings = _settings(session)
+    settings = settings_of(session)
     if settings.kiosk.reprint is ReprintPolicy.NEVER:
         raise Conflict(
             "补打策略为 never：自助机不补打，请在服务台打印 · the reprint policy is never: "

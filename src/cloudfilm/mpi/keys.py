@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from cloudfilm.config import Settings
 from cloudfilm.crypto.keys import Sealer, application_secret
+from cloudfilm.db import settings_of
 
 _SEAL_PURPOSE = "mpi-identifier-v1"
 _INDEX_PURPOSE = "mpi-blind-index-v1"
@@ -68,10 +69,5 @@ def keys_for(settings: Settings) -> MPIKeys:
 def keys_of(session: Session) -> MPIKeys:
     """The keys of the archive ``session`` belongs to (its :class:`~cloudfilm.db.Database`
     puts the settings in ``session.info``)."""
-    settings = session.info.get("settings")
-    if not isinstance(settings, Settings):
-        raise RuntimeError(
-            "this session carries no settings: open it with Database.session() "
-            "(the MPI needs the application secret to seal identifiers)"
-        )
+    settings = settings_of(session)
     return keys_for(settings)
